@@ -1,0 +1,195 @@
+"""GgmlBackend: a GGUF file's metadata and weights, loaded into ggml backend buffers (CPU, CPU_REPACK, GPUs)."""
+from __future__ import annotations
+
+import logging
+import re
+import time
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ggml._lib import CData, check, ffi, lib
+from ggml.context import GgmlContext
+from ggml.runtime import Runtime, RuntimeOptions
+from ggml.tensor import GgmlTensor, new_tensor_ptr
+from ml.backend import ProgressFn
+from ml.errors import ModelLoadError
+from ml.gguffile import GGUFFile, TensorInfo
+
+log = logging.getLogger(__name__)
+
+_BLOCK = re.compile(r"^(?:blk|enc\.blk|dec\.blk|v\.blk)\.(\d+)\.")
+# Tables read with get_rows, never multiplied: they must stay in plain (readable, non-repacked) buffers.
+_LOOKUP_TABLES = frozenset({"token_embd.weight", "position_embd.weight", "token_types.weight"})
+_OUTPUT = frozenset({"output.weight", "output_norm.weight", "output_norm.bias", "output.bias"})
+
+
+def _free_buffers(state: dict[str, Any]) -> None:
+    for buf in state["buffers"]:
+        lib.ggml_backend_buffer_free(buf)
+    state["buffers"].clear()
+    for ctx in state["ctxs"]:
+        lib.ggml_free(ctx)
+    state["ctxs"].clear()
+
+
+class GgmlBackend:
+    """Implements `ml.Backend`. Metadata keys not starting with `general.` or `tokenizer.` are looked up under
+    `<architecture>.`, so models ask for `block_count`, not `llama.block_count`."""
+
+    def __init__(self, path: str | Path, options: RuntimeOptions | None = None,
+                 progress: ProgressFn | None = None, runtime: Runtime | None = None) -> None:
+        self.path = Path(path)
+        started = time.monotonic()
+        gguf = GGUFFile(self.path)
+        try:
+            self.metadata: dict[str, Any] = gguf.metadata
+            arch = self.metadata.get("general.architecture")
+            if not isinstance(arch, str) or not arch:
+                raise ModelLoadError(f"{self.path}: general.architecture is missing")
+            self.architecture = arch
+            self.n_layer = int(self.metadata.get(f"{arch}.block_count", 0) or 0)
+            self._own_runtime = runtime is None
+            self.runtime = runtime if runtime is not None else Runtime(options)
+            self.runtime.n_layer = self.n_layer
+            self._state: dict[str, Any] = {"buffers": [], "ctxs": []}
+            self._finalizer = weakref.finalize(self, _free_buffers, self._state)
+            self._tensors: dict[str, GgmlTensor] = {}
+            self._load(gguf, progress)
+        except BaseException:
+            gguf.close()
+            if hasattr(self, "_finalizer"):
+                self.close()
+            raise
+        gguf.close()
+        log.info("loaded %s: arch=%s tensors=%d in %.2fs", self.path.name, arch, len(self._tensors),
+                 time.monotonic() - started)
+
+    # ---- loading ----
+    def _device_of(self, name: str) -> int:
+        m = _BLOCK.match(name)
+        if m:
+            return self.runtime.device_of_layer(int(m.group(1)), self.n_layer)
+        if name in _OUTPUT:
+            return self.runtime.device_of_layer(self.n_layer, self.n_layer)
+        return -1  # inputs (embeddings) stay on the CPU, as in llama.cpp
+
+    def _load(self, gguf: GGUFFile, progress: ProgressFn | None) -> None:
+        groups: dict[Any, list[TensorInfo]] = {}
+        for info in gguf.tensors.values():
+            buft = self.runtime.weight_buft(self._device_of(info.name), int(info.dtype), info.shape,
+                                            for_matmul=info.name not in _LOOKUP_TABLES)
+            groups.setdefault(buft, []).append(info)
+        ptrs: dict[str, CData] = {}
+        for buft, infos in groups.items():
+            mem = (len(infos) + 1) * lib.ggml_tensor_overhead()
+            params = ffi.new("struct ggml_init_params *", {"mem_size": mem, "mem_buffer": ffi.NULL, "no_alloc": True})
+            ctx = check(lib.ggml_init(params[0]), "ggml_init")
+            self._state["ctxs"].append(ctx)
+            for info in infos:
+                ptr = new_tensor_ptr(ctx, info.dtype, info.shape)
+                lib.ggml_set_name(ptr, info.name.encode()[:63])
+                ptrs[info.name] = ptr
+            buf = check(lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft), "ggml_backend_alloc_ctx_tensors",
+                        f"{len(infos)} tensors for {ffi.string(lib.ggml_backend_buft_name(buft)).decode()}")
+            lib.ggml_backend_buffer_set_usage(buf, lib.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+            self._state["buffers"].append(buf)
+            log.debug("buffer %s: %d tensors, %.1f MiB", ffi.string(lib.ggml_backend_buft_name(buft)).decode(),
+                      len(infos), lib.ggml_backend_buffer_get_size(buf) / 2**20)
+        total = sum(i.nbytes for i in gguf.tensors.values()) or 1
+        done = 0
+        if progress:
+            progress(0.0)
+        for info in gguf.tensors.values():
+            view = gguf.data(info)
+            # One memcpy from the page cache into the backend buffer (repacked on the way where chosen).
+            lib.ggml_backend_tensor_set(ptrs[info.name], ffi.from_buffer(view), 0, info.nbytes)
+            view.release()
+            self._tensors[info.name] = GgmlTensor(ptrs[info.name], self)
+            done += info.nbytes
+            if progress:
+                progress(done / total)
+
+    # ---- metadata ----
+    def _key(self, key: str) -> str:
+        return key if key.startswith(("general.", "tokenizer.")) else f"{self.architecture}.{key}"
+
+    def _value(self, key: str, default: Any, kinds: tuple[type, ...], what: str) -> Any:
+        full = self._key(key)
+        if full not in self.metadata:
+            if default is None:
+                raise ModelLoadError(f"{self.path.name}: metadata key {full} is missing")
+            return default
+        v = self.metadata[full]
+        if isinstance(v, np.generic):
+            v = v.item()
+        if not isinstance(v, kinds) or (bool not in kinds and isinstance(v, bool)):
+            raise ModelLoadError(f"{self.path.name}: metadata key {full} is {type(v).__name__}, expected {what}")
+        return v
+
+    def has(self, key: str) -> bool:
+        return self._key(key) in self.metadata
+
+    def string(self, key: str, default: str | None = None) -> str:
+        return str(self._value(key, default, (str,), "a string"))
+
+    def uint(self, key: str, default: int | None = None) -> int:
+        return int(self._value(key, default, (int,), "an integer"))
+
+    def float(self, key: str, default: float | None = None) -> float:
+        return float(self._value(key, default, (float, int), "a number"))
+
+    def bool(self, key: str, default: bool | None = None) -> bool:
+        return bool(self._value(key, default, (bool,), "a bool"))
+
+    def strings(self, key: str, default: list[str] | None = None) -> list[str]:
+        v = self._value(key, default, (list,), "an array of strings")
+        if not all(isinstance(s, str) for s in v):
+            raise ModelLoadError(f"{self.path.name}: {self._key(key)} is not an array of strings")
+        return list(v)
+
+    def ints(self, key: str, default: Sequence[int] | None = None) -> npt.NDArray[np.int64]:
+        v = self._value(key, None if default is None else np.asarray(default), (np.ndarray, int), "integers")
+        arr = np.atleast_1d(np.asarray(v))
+        if arr.dtype.kind not in "iub":
+            raise ModelLoadError(f"{self.path.name}: {self._key(key)} is not an integer array")
+        return arr.astype(np.int64)
+
+    def floats(self, key: str, default: Sequence[float] | None = None) -> npt.NDArray[np.float32]:
+        v = self._value(key, None if default is None else np.asarray(default), (np.ndarray, int, float), "numbers")
+        arr = np.atleast_1d(np.asarray(v))
+        if arr.dtype.kind not in "iuf":
+            raise ModelLoadError(f"{self.path.name}: {self._key(key)} is not a number array")
+        return arr.astype(np.float32)
+
+    # ---- tensors and contexts ----
+    def get(self, name: str) -> GgmlTensor | None:
+        return self._tensors.get(name)
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+    def new_context(self, max_nodes: int = 0) -> GgmlContext:
+        return GgmlContext(self.runtime, max_nodes)
+
+    def close(self) -> None:
+        self._tensors.clear()
+        self._finalizer()
+        if self._own_runtime and hasattr(self, "runtime"):
+            self.runtime.close()
+
+    def __enter__(self) -> GgmlBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def load_backend(path: str | Path, options: RuntimeOptions | None = None,
+                 progress: ProgressFn | None = None) -> GgmlBackend:
+    """Open the GGUF at `path` and load its weights; raises ModelLoadError for bad files."""
+    return GgmlBackend(path, options, progress)

@@ -1,0 +1,162 @@
+"""Devices, backends, the persistent CPU thread pool and the graph scheduler, owned together.
+
+Layer placement follows Ollama's flags: `n_gpu_layers` counts from the last block; `n_layer + 1` also offloads the
+output layer; `tensor_split` apportions offloaded layers between GPUs; quantized CPU weights go to the CPU_REPACK
+buffer type (ggml's repacked layouts are the fast path for mat-vec on AVX2/AVX-512).
+"""
+from __future__ import annotations
+
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+from ggml._lib import CData, check, ffi, lib
+
+log = logging.getLogger(__name__)
+
+GRAPH_SIZE = 8192  # nodes the scheduler is sized for; models with more pass max_nodes to new_context
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """What the runner's flags say about placement and threads."""
+
+    threads: int = 2
+    n_gpu_layers: int = 0
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] = ()
+    flash_attention: bool = False
+    use_repack: bool = True
+
+
+@dataclass
+class _Device:
+    name: str
+    description: str
+    handle: CData = field(repr=False)
+    backend: CData = field(repr=False)
+    buft: CData = field(repr=False)
+
+
+def _free_runtime(sched: CData, backends: list[CData], threadpool: CData) -> None:
+    if sched is not None:
+        lib.ggml_backend_sched_free(sched)
+    for b in backends:
+        lib.ggml_backend_free(b)
+    if threadpool is not None:
+        lib.ggml_threadpool_free(threadpool)
+
+
+class Runtime:
+    """The CPU backend (with a persistent thread pool), any GPU backends, and one scheduler over all of them."""
+
+    def __init__(self, options: RuntimeOptions | None = None) -> None:
+        self.options = opts = options or RuntimeOptions()
+        self.n_layer = 0  # set by the backend that loads a model; places layers and the output layer
+        self.cpu_backend = check(lib.ggml_backend_cpu_init(), "ggml_backend_cpu_init")
+        params = lib.ggml_threadpool_params_default(max(1, opts.threads))
+        self._threadpool = check(lib.ggml_threadpool_new(ffi.new("struct ggml_threadpool_params *", params)),
+                                 "ggml_threadpool_new", f"n_threads={opts.threads}")
+        lib.ggml_backend_cpu_set_threadpool(self.cpu_backend, self._threadpool)
+        lib.ggml_backend_cpu_set_n_threads(self.cpu_backend, max(1, opts.threads))
+        self.cpu_buft = lib.ggml_backend_get_default_buffer_type(self.cpu_backend)
+        # ggml's repack set_tensor dereferences the layout it picked, which exists for these types only with AVX2.
+        use_repack = opts.use_repack and bool(lib.ggml_cpu_has_avx2())
+        self.repack_buft = self._find_repack_buft() if use_repack else None
+        self.gpus = self._init_gpus()
+        self._log_ignored()
+        backends = [g.backend for g in self.gpus] + [self.cpu_backend]
+        arr = ffi.new("ggml_backend_t[]", backends)
+        self._sched = check(lib.ggml_backend_sched_new(arr, ffi.NULL, len(backends), GRAPH_SIZE, False, True),
+                            "ggml_backend_sched_new", f"{len(backends)} backends")
+        self._finalizer = weakref.finalize(self, _free_runtime, self._sched, backends, self._threadpool)
+
+    def _find_repack_buft(self) -> CData | None:
+        dev = lib.ggml_backend_dev_by_type(lib.GGML_BACKEND_DEVICE_TYPE_CPU)
+        if dev == ffi.NULL:
+            return None
+        reg = lib.ggml_backend_dev_backend_reg(dev)
+        fn = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_dev_get_extra_bufts")
+        if fn == ffi.NULL:
+            return None
+        bufts = ffi.cast("ggml_backend_dev_get_extra_bufts_t", fn)(dev)
+        i = 0
+        while bufts != ffi.NULL and bufts[i] != ffi.NULL:
+            if ffi.string(lib.ggml_backend_buft_name(bufts[i])) == b"CPU_REPACK":
+                return bufts[i]
+            i += 1
+        return None
+
+    def _init_gpus(self) -> list[_Device]:
+        gpus: list[_Device] = []
+        for i in range(lib.ggml_backend_dev_count()):
+            dev = lib.ggml_backend_dev_get(i)
+            if lib.ggml_backend_dev_type(dev) != lib.GGML_BACKEND_DEVICE_TYPE_GPU:
+                continue
+            name = ffi.string(lib.ggml_backend_dev_name(dev)).decode()
+            backend = check(lib.ggml_backend_dev_init(dev, ffi.NULL), "ggml_backend_dev_init", name)
+            gpus.append(_Device(name, ffi.string(lib.ggml_backend_dev_description(dev)).decode(), dev, backend,
+                                lib.ggml_backend_dev_buffer_type(dev)))
+        if gpus and 0 < self.options.main_gpu < len(gpus):
+            # The main GPU first: it then gets the output layer and the scheduler prefers it.
+            gpus.insert(0, gpus.pop(self.options.main_gpu))
+        return gpus
+
+    def _log_ignored(self) -> None:
+        opts = self.options
+        if not self.gpus:
+            ignored = [f"{k}={v}" for k, v in (("n_gpu_layers", opts.n_gpu_layers), ("main_gpu", opts.main_gpu),
+                                                ("tensor_split", opts.tensor_split)) if v]
+            if ignored:
+                log.info("no GPU device in this build or machine; ignoring %s", ", ".join(ignored))
+        else:
+            log.info("GPUs: %s", ", ".join(f"{g.name} ({g.description})" for g in self.gpus))
+
+    @property
+    def sched(self) -> CData:
+        return self._sched
+
+    @property
+    def has_gpu(self) -> bool:
+        return bool(self.gpus)
+
+    def device_of_layer(self, il: int, n_layer: int) -> int:
+        """GPU index for block `il` (il == n_layer means the output layer), or -1 for the CPU."""
+        n_gpu = min(self.options.n_gpu_layers, n_layer + 1) if self.gpus else 0
+        first_offloaded = n_layer + 1 - n_gpu  # counted from the end; the output layer is "block" n_layer
+        if n_gpu <= 0 or il < first_offloaded:
+            return -1
+        split = list(self.options.tensor_split[:len(self.gpus)]) or [1.0]
+        split += [0.0] * (len(self.gpus) - len(split)) if len(split) < len(self.gpus) else []
+        total = sum(split) or 1.0
+        frac = (il - first_offloaded) / max(1, n_gpu)
+        acc = 0.0
+        for i, s in enumerate(split):
+            acc += s / total
+            if frac < acc:
+                return i
+        return len(split) - 1
+
+    def weight_buft(self, device: int, dtype_id: int, shape: tuple[int, ...], for_matmul: bool) -> CData:
+        """Buffer type for a weight: the GPU's, else CPU_REPACK for quantized matmul weights, else plain CPU.
+
+        Repacked tensors can only feed mul_mat and cannot be read back, so embeddings (get_rows) stay plain.
+        """
+        if device >= 0:
+            return self.gpus[device].buft
+        if (for_matmul and len(shape) == 2 and self.repack_buft is not None and dtype_id in _REPACKABLE
+                and shape[1] % 8 == 0):
+            return self.repack_buft
+        return self.cpu_buft
+
+    def layer_buft(self, device: int) -> CData:
+        """Buffer type for non-weight persistent tensors (KV cache) of a layer on `device`."""
+        return self.gpus[device].buft if device >= 0 else self.cpu_buft
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+# Types ggml 0.25's CPU repack lays out on x86 with AVX2 (ggml-cpu/repack.cpp), when ne[1] % 8 == 0:
+# Q4_0, Q4_K, IQ4_NL. (Q8_0/Q5_K/Q6_K repack only on ARM; Q2_K needs AVX-512.)
+_REPACKABLE = frozenset({2, 12, 20})
