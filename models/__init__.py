@@ -1,1 +1,7 @@
-"""models package."""
+"""Model architectures, registered by GGUF `general.architecture`, plus the weight loader and tokenizers."""
+from __future__ import annotations
+
+from models import gemma, llama  # noqa: F401  (registration)
+from models.registry import Model, load_model, supported_architectures
+
+__all__ = ["Model", "load_model", "supported_architectures"]

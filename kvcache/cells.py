@@ -1,0 +1,517 @@
+"""Backend-free bookkeeping of KV cache cells: who holds what, where.
+
+Model
+-----
+A cache has ``capacity`` cells; every layer's K and V tensors have one row
+per cell, so a cell index addresses the same slot in all of them.  A cell
+has a position (int32, ``-1`` = empty) and a set of sequence ids, kept as a
+boolean membership table.  Several sequences may share a cell: that is how
+:meth:`CellTable.copy_prefix` shares a prompt prefix without copying data.
+Invariant: a cell's position is ``-1`` exactly when no sequence holds it.
+
+A forward batch is two parallel arrays: token positions (int32[n_tokens])
+and sequence ids (int32[n_tokens]), one sequence per token.
+
+This module never touches tensors.  Operations that require work on K/V
+return a plan (:class:`~kvcache.plans.DefragPlan`,
+:class:`~kvcache.plans.ShiftPlan`) that the tensor layer replays.
+
+Public API (:class:`CellTable`)
+-------------------------------
+Allocation:
+  ``free_cells(n) -> int32[n]``         lowest free cells, any layout.
+  ``find_slot(n) -> int | None``        start of a contiguous free run, or
+                                        None when only a defrag makes one.
+  ``defrag_plan() -> DefragPlan``       compaction of used cells to the front.
+  ``apply_moves(plan)``                 apply that compaction to the metadata.
+  ``store(cells, positions, seqs) -> int32[n]``  mark cells used.
+  ``free(cells)``                       undo a store (e.g. a failed forward).
+  Both allocators raise :class:`~kvcache.errors.CacheFullError` when fewer
+  than ``n`` cells are free at all (no defrag can help).
+
+Masks:
+  ``kv_range(pad, seqs=None) -> (start, stop)``  cell range to attend over.
+  ``mask(positions, seqs, *, kv_range, kv_pad, row_pad, window, chunk,
+  causal, dtype) -> (n_rows, n_kv)``             additive 0/-inf mask;
+  layout and visibility rule in :mod:`kvcache.masks`.
+
+Sequence edits:
+  ``remove(seq, begin, end=None) -> ShiftPlan | None``
+  ``copy_prefix(src, dst, n)``
+  ``can_resume(seq, pos, window=None) -> bool``
+  ``evict_outside_window(positions, seqs, window) -> int32[k]`` freed cells.
+
+Queries: ``seq_cells``, ``seq_positions``, ``max_pos``, ``positions``,
+``sequences``, ``n_used``, ``n_free``, ``extent``, ``version``; ``clear()``.
+
+How the tensor layer should use it (one forward batch)
+------------------------------------------------------
+1. Sliding-window caches first call ``evict_outside_window(positions,
+   seqs, window)`` so cells no token can see any more become free.
+2. Pick write cells.  Recommended: ``cells = table.free_cells(n)`` and
+   write K/V with ``ggml_set_rows(K, k_cur, cells_tensor)``.  The write
+   locations are then an input tensor (int32/int64[n]), so the graph's
+   shape does not depend on where the free cells are and no
+   defragmentation is ever *required*.  Contiguous alternative:
+   ``start = table.find_slot(n)``; if None, ``plan = table.defrag_plan()``,
+   move K/V rows per the plan on every layer, ``table.apply_moves(plan)``,
+   and ``find_slot`` again (now guaranteed to succeed).
+3. ``table.store(cells, positions, seqs)`` -- before building the mask, so
+   the batch's own cells are visible (causally) to the batch.
+4. ``start, stop = table.kv_range(pad)``; attend over the K/V views of
+   cells ``[start, stop)`` with ``table.mask(..., kv_range=(start, stop))``.
+   The default range ``[0, round_up(extent, pad))`` changes width only every
+   ``pad`` cells, so decode-step graphs keep their shapes; choose
+   ``capacity`` as a multiple of ``pad``.  Cells in the range that belong to
+   other sequences or are empty are simply masked.
+5. After a ``remove`` that returns a :class:`ShiftPlan`, re-rotate the keys
+   of ``plan.cells`` by ``plan.delta`` on every layer (model callback)
+   before the next forward; the positions here are already updated.
+
+Every method validates before mutating: when it raises, the table is
+unchanged.  ``version`` increases on every mutation; a
+:class:`~kvcache.plans.DefragPlan` is only applicable to the version it was
+computed for.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, NDArray
+
+from kvcache.errors import CacheFullError, NotSupportedError
+from kvcache.masks import (
+    KV_PAD_DEFAULT,
+    ROW_PAD_DEFAULT,
+    MaskDType,
+    build_mask,
+    round_up,
+)
+from kvcache.plans import DefragPlan, ShiftPlan
+
+EMPTY = -1
+"""Position of an empty cell."""
+
+
+def _readonly(a: NDArray[Any]) -> NDArray[Any]:
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+class CellTable:
+    """Positions and sequence membership of ``capacity`` KV cells.
+
+    Storage: ``_pos`` int32[capacity] and ``_member``
+    bool[max_sequences, capacity] (sequence-major, so the membership rows
+    for a batch, ``_member[seqs, start:stop]``, come out as the mask's
+    ``(n_tokens, n_kv)`` layout directly).
+    """
+
+    def __init__(self, capacity: int, max_sequences: int) -> None:
+        if capacity < 1 or max_sequences < 1:
+            raise ValueError(
+                f"capacity and max_sequences must be >= 1, got {capacity}, {max_sequences}"
+            )
+        self._capacity = capacity
+        self._max_sequences = max_sequences
+        self._pos: NDArray[np.int32] = np.full(capacity, EMPTY, dtype=np.int32)
+        self._member: NDArray[np.bool_] = np.zeros((max_sequences, capacity), dtype=np.bool_)
+        self._version = 0
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def max_sequences(self) -> int:
+        return self._max_sequences
+
+    @property
+    def version(self) -> int:
+        """Mutation counter (guards against applying stale plans)."""
+        return self._version
+
+    @property
+    def positions(self) -> NDArray[np.int32]:
+        """Read-only live view: int32[capacity] cell positions (-1 = empty)."""
+        return _readonly(self._pos)
+
+    @property
+    def sequences(self) -> NDArray[np.bool_]:
+        """Read-only live view: bool[capacity, max_sequences], [cell, seq]."""
+        return _readonly(self._member.T)
+
+    @property
+    def n_used(self) -> int:
+        return int(np.count_nonzero(self._pos >= 0))
+
+    @property
+    def n_free(self) -> int:
+        return self._capacity - self.n_used
+
+    @property
+    def extent(self) -> int:
+        """1 + index of the last used cell (0 when empty)."""
+        used = np.flatnonzero(self._pos >= 0)
+        return int(used[-1]) + 1 if used.size else 0
+
+    def seq_cells(self, seq: int) -> NDArray[np.int32]:
+        """int32[k] ascending indices of the cells holding ``seq``."""
+        self._check_seq(seq)
+        return np.flatnonzero(self._member[seq]).astype(np.int32)
+
+    def seq_positions(self, seq: int) -> NDArray[np.int32]:
+        """int32[k] sorted positions ``seq`` holds."""
+        self._check_seq(seq)
+        return np.sort(self._pos[self._member[seq]])
+
+    def max_pos(self, seq: int) -> int:
+        """Highest position ``seq`` holds, -1 if none."""
+        self._check_seq(seq)
+        held = self._pos[self._member[seq]]
+        return int(held.max()) if held.size else EMPTY
+
+    # --------------------------------------------------------------- allocation
+
+    def free_cells(self, n: int) -> NDArray[np.int32]:
+        """int32[n] lowest-index free cells (not necessarily contiguous).
+
+        Raises:
+            CacheFullError: fewer than ``n`` cells are free.
+        """
+        self._check_count(n)
+        free = np.flatnonzero(self._pos < 0)
+        if free.size < n:
+            raise CacheFullError(f"need {n} cells, only {free.size} of {self._capacity} free")
+        return free[:n].astype(np.int32)
+
+    def find_slot(self, n: int) -> int | None:
+        """Start of the first run of ``n`` contiguous free cells.
+
+        Returns None when ``n`` cells are free but scattered: run
+        :meth:`defrag_plan` / :meth:`apply_moves` and call again.
+
+        Raises:
+            CacheFullError: fewer than ``n`` cells are free at all.
+        """
+        self._check_count(n)
+        free = self._pos < 0
+        n_free = int(np.count_nonzero(free))
+        if n_free < n:
+            raise CacheFullError(f"need {n} cells, only {n_free} of {self._capacity} free")
+        # Run boundaries of the free mask: +1 where a run starts, -1 past its end.
+        edges = np.diff(np.concatenate(([0], free.view(np.int8), [0])))
+        starts = np.flatnonzero(edges == 1)
+        lengths = np.flatnonzero(edges == -1) - starts
+        fits = np.flatnonzero(lengths >= n)
+        return int(starts[fits[0]]) if fits.size else None
+
+    def defrag_plan(self) -> DefragPlan:
+        """Plan moving all used cells to ``[0, n_used)`` in their current order."""
+        order = np.flatnonzero(self._pos >= 0).astype(np.int32)
+        target = np.arange(order.size, dtype=np.int32)
+        moved = order != target
+        return DefragPlan(order=order, src=order[moved], dst=target[moved], version=self._version)
+
+    def apply_moves(self, plan: DefragPlan) -> None:
+        """Apply a compaction from :meth:`defrag_plan` to the metadata.
+
+        Raises:
+            ValueError: the plan was computed for another table state.
+        """
+        if plan.version != self._version:
+            raise ValueError(
+                f"stale defrag plan (computed at version {plan.version}, table is at {self._version})"
+            )
+        if plan.is_noop:
+            return
+        n = plan.n_used
+        # Gather first (fancy indexing copies), then write in place so views
+        # handed out by ``positions`` / ``sequences`` stay live.
+        pos = self._pos[plan.order]
+        member = self._member[:, plan.order]
+        self._pos[:n] = pos
+        self._pos[n:] = EMPTY
+        self._member[:, :n] = member
+        self._member[:, n:] = False
+        self._version += 1
+
+    def store(
+        self, cells: int | ArrayLike, positions: ArrayLike, seqs: ArrayLike
+    ) -> NDArray[np.int32]:
+        """Mark cells used by a batch's tokens.
+
+        Args:
+            cells: start of a contiguous run (from :meth:`find_slot`) or
+                int[n_tokens] cell indices (from :meth:`free_cells`).
+            positions: int32[n_tokens] token positions (>= 0).
+            seqs: int32[n_tokens] sequence ids.
+
+        Returns:
+            int32[n_tokens] cell index of each token -- the ``set_rows`` indices.
+
+        Raises:
+            ValueError: bad shapes/ids, or a target cell is not free.
+        """
+        pos = np.asarray(positions, dtype=np.int32)
+        seq = np.asarray(seqs, dtype=np.intp)
+        if pos.ndim != 1 or seq.shape != pos.shape:
+            raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
+        n = pos.size
+        if isinstance(cells, (int, np.integer)):
+            idx = np.arange(int(cells), int(cells) + n, dtype=np.intp)
+        else:
+            idx = np.asarray(cells, dtype=np.intp)
+            if idx.shape != pos.shape:
+                raise ValueError(f"cells {idx.shape} must match positions {pos.shape}")
+            if np.unique(idx).size != n:
+                raise ValueError("duplicate cell indices")
+        if n == 0:
+            return idx.astype(np.int32)
+        if idx.min() < 0 or idx.max() >= self._capacity:
+            raise ValueError(f"cell indices outside [0, {self._capacity})")
+        if pos.min() < 0:
+            raise ValueError("positions must be >= 0")
+        self._check_seqs(seq)
+        busy = idx[self._pos[idx] >= 0]
+        if busy.size:
+            raise ValueError(f"cells already in use: {busy.tolist()}")
+        self._pos[idx] = pos
+        self._member[seq, idx] = True
+        self._version += 1
+        return idx.astype(np.int32)
+
+    def free(self, cells: ArrayLike) -> None:
+        """Empty ``cells`` entirely (every sequence loses them)."""
+        idx = np.asarray(cells, dtype=np.intp)
+        if idx.size and (idx.min() < 0 or idx.max() >= self._capacity):
+            raise ValueError(f"cell indices outside [0, {self._capacity})")
+        self._pos[idx] = EMPTY
+        self._member[:, idx] = False
+        self._version += 1
+
+    def clear(self) -> None:
+        """Empty every cell."""
+        self._pos.fill(EMPTY)
+        self._member.fill(False)
+        self._version += 1
+
+    # -------------------------------------------------------------------- masks
+
+    def kv_range(self, pad: int = KV_PAD_DEFAULT, seqs: ArrayLike | None = None) -> tuple[int, int]:
+        """Cell range ``[start, stop)`` a batch should attend over.
+
+        Default: ``[0, round_up(extent, pad))`` -- stable shapes across decode
+        steps.  With ``seqs``: the padded span of the cells holding any of
+        those sequences (narrower when other sequences sit elsewhere; start
+        rounded down, stop rounded up to ``pad``).  ``stop`` is clipped to
+        ``capacity``; ``(0, 0)`` when there is nothing to cover.
+        """
+        held: NDArray[np.bool_]
+        if seqs is None:
+            held = self._pos >= 0
+        else:
+            s = np.unique(np.asarray(seqs, dtype=np.intp))
+            self._check_seqs(s)
+            held = np.any(self._member[s], axis=0)
+        idx = np.flatnonzero(held)
+        if idx.size == 0:
+            return 0, 0
+        start = int(idx[0]) // pad * pad if seqs is not None else 0
+        stop = min(self._capacity, round_up(int(idx[-1]) + 1, pad))
+        return start, stop
+
+    def mask(
+        self,
+        positions: ArrayLike,
+        seqs: ArrayLike,
+        *,
+        kv_range: tuple[int, int] | None = None,
+        kv_pad: int = KV_PAD_DEFAULT,
+        row_pad: int = ROW_PAD_DEFAULT,
+        window: int | None = None,
+        chunk: int | None = None,
+        causal: bool | NDArray[np.bool_] = True,
+        dtype: MaskDType = np.float32,
+    ) -> NDArray[np.floating[Any]]:
+        """Additive attention mask of a (stored) batch over a cell range.
+
+        Args:
+            positions: int32[n_tokens] token positions.
+            seqs: int32[n_tokens] sequence ids.
+            kv_range: ``[start, stop)`` cells (columns); default
+                ``kv_range(kv_pad)``.  Column ``j`` is cell ``start + j``.
+            kv_pad: padding multiple of the default range (ignored when
+                ``kv_range`` is given).
+            row_pad: rows are padded to a multiple of this; padding rows are
+                all ``-inf``.
+            window, chunk, causal: visibility rule, see :mod:`kvcache.masks`.
+            dtype: np.float32, or np.float16 for ``ggml_flash_attn_ext``.
+
+        Returns:
+            ``(round_up(n_tokens, row_pad), stop - start)`` array of 0/-inf
+            (ggml ``ne = [n_kv, n_rows]``).
+        """
+        pos = np.asarray(positions, dtype=np.int32)
+        seq = np.asarray(seqs, dtype=np.intp)
+        if pos.ndim != 1 or seq.shape != pos.shape:
+            raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
+        if seq.size:
+            self._check_seqs(seq)
+        start, stop = self.kv_range(kv_pad) if kv_range is None else kv_range
+        if not 0 <= start <= stop <= self._capacity:
+            raise ValueError(f"kv_range {(start, stop)} outside [0, {self._capacity}]")
+        return build_mask(
+            self._pos[start:stop],
+            self._member[seq, start:stop],  # fancy index -> fresh (n_tokens, n_kv)
+            pos,
+            window=window,
+            chunk=chunk,
+            causal=causal,
+            n_rows=round_up(pos.size, row_pad),
+            dtype=dtype,
+        )
+
+    # ----------------------------------------------------------- sequence edits
+
+    def remove(self, seq: int, begin: int, end: int | None = None) -> ShiftPlan | None:
+        """Drop ``seq``'s cells with ``begin <= pos < end`` (``end=None``: no bound).
+
+        With a finite ``end``, ``seq``'s cells at ``pos >= end`` move down by
+        ``end - begin`` positions so the sequence stays gap-free; the
+        returned plan lists them for key re-rotation.  Cells shared with other
+        sequences only lose ``seq``'s membership when removed.
+
+        Returns:
+            A :class:`ShiftPlan` when cells were shifted, else None.
+
+        Raises:
+            NotSupportedError: a cell to shift is shared with another
+                sequence (its key cannot hold two positions); nothing changed.
+            ValueError: ``end < begin`` or bad ``seq``.
+        """
+        self._check_seq(seq)
+        if end is not None and end < begin:
+            raise ValueError(f"end {end} < begin {begin}")
+        held = self._member[seq]
+        to_drop = held & (self._pos >= begin)
+        shift_idx = np.empty(0, dtype=np.intp)
+        if end is not None:
+            to_drop &= self._pos < end
+            shift_idx = np.flatnonzero(held & (self._pos >= end)) if end > begin else shift_idx
+            sharers = np.count_nonzero(self._member[:, shift_idx], axis=0) > 1
+            if sharers.any():
+                bad = shift_idx[sharers]
+                others = np.flatnonzero(self._member[:, bad].any(axis=1))
+                others = others[others != seq]
+                raise NotSupportedError(
+                    f"cannot shift sequence {seq} by {begin - end}: cells {bad.tolist()} "
+                    f"(positions {self._pos[bad].tolist()}) are shared with sequences "
+                    f"{others.tolist()}; re-process the prompt instead"
+                )
+        drop_idx = np.flatnonzero(to_drop)
+        self._member[seq, drop_idx] = False
+        self._release_orphans(drop_idx)
+        plan: ShiftPlan | None = None
+        if shift_idx.size:
+            assert end is not None
+            delta = begin - end
+            self._pos[shift_idx] += delta
+            plan = ShiftPlan(
+                seq=seq,
+                cells=shift_idx.astype(np.int32),
+                delta=delta,
+                new_positions=self._pos[shift_idx].copy(),
+            )
+        self._version += 1
+        return plan
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Make ``dst`` share ``src``'s cells with position < ``n`` (no data copy).
+
+        ``dst``'s previous cells are dropped first (``src == dst`` therefore
+        truncates the sequence to positions < ``n``).
+        """
+        self._check_seq(src)
+        self._check_seq(dst)
+        shared = self._member[src] & (self._pos < n)
+        old_idx = np.flatnonzero(self._member[dst])
+        self._member[dst] = shared
+        self._release_orphans(old_idx)
+        self._version += 1
+
+    def can_resume(self, seq: int, pos: int, window: int | None = None) -> bool:
+        """Whether ``seq`` can continue with a token at ``pos`` from this cache.
+
+        The next token sees positions ``pos - window .. pos - 1`` of the past
+        (all of ``0 .. pos - 1`` when ``window`` is None); every one of them
+        must still be held.  A sliding-window cache that evicted them, or a
+        sequence that never reached ``pos - 1``, cannot resume.
+        """
+        self._check_seq(seq)
+        lo = 0 if window is None else max(0, pos - window)
+        if pos <= lo:
+            return True
+        held = self._pos[self._member[seq]]
+        needed = held[(held >= lo) & (held < pos)]
+        return int(np.unique(needed).size) == pos - lo
+
+    def evict_outside_window(
+        self, positions: ArrayLike, seqs: ArrayLike, window: int
+    ) -> NDArray[np.int32]:
+        """Free what no token of this batch (or later) can see any more.
+
+        For every sequence in the batch, with ``p`` its lowest position in the
+        batch, its cells at positions ``< p - window`` are dropped: the batch
+        sees ``>= p - window`` and later batches start higher.  Pass a larger
+        ``window`` (Ollama's "SWA memory") to keep more for resuming.  With
+        this, ``max_sequences * window + max_batch`` cells suffice.  Call it
+        before allocating the batch's cells.
+
+        Returns:
+            int32[k] ascending indices of the cells that became empty.
+        """
+        if window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
+        pos = np.asarray(positions, dtype=np.int64)
+        seq = np.asarray(seqs, dtype=np.intp)
+        if pos.ndim != 1 or seq.shape != pos.shape:
+            raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
+        if seq.size == 0:
+            return np.empty(0, dtype=np.int32)
+        self._check_seqs(seq)
+        lowest = np.full(self._max_sequences, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(lowest, seq, pos)
+        rows = np.unique(seq)
+        threshold = lowest[rows] - window  # int64: no underflow
+        drop = self._member[rows] & (self._pos[np.newaxis, :] < threshold[:, np.newaxis])
+        touched = np.flatnonzero(drop.any(axis=0))
+        self._member[rows] &= ~drop
+        freed = self._release_orphans(touched)
+        self._version += 1
+        return freed
+
+    # ------------------------------------------------------------------ helpers
+
+    def _release_orphans(self, idx: NDArray[np.intp]) -> NDArray[np.int32]:
+        """Mark cells among ``idx`` that no sequence holds as empty; return them."""
+        orphans = idx[~self._member[:, idx].any(axis=0)]
+        self._pos[orphans] = EMPTY
+        return orphans.astype(np.int32)
+
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < self._max_sequences:
+            raise ValueError(f"sequence id {seq} outside [0, {self._max_sequences})")
+
+    def _check_seqs(self, seqs: NDArray[np.intp]) -> None:
+        if seqs.size and (seqs.min() < 0 or seqs.max() >= self._max_sequences):
+            raise ValueError(f"sequence ids outside [0, {self._max_sequences})")
+
+    @staticmethod
+    def _check_count(n: int) -> None:
+        if n < 1:
+            raise ValueError(f"number of cells must be >= 1, got {n}")
