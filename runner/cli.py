@@ -1,0 +1,169 @@
+"""`ollama-pyrunner`: the runner Ollama launches (`[runner] [--ollama-engine] --model … --port P`), plus the
+`generate`, `embed` and `convert` tools. Reads the environment once, here, and passes everything down."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+SUBCOMMANDS = ("generate", "embed", "convert")
+
+
+def _setup_logging(verbose: bool) -> None:
+    # Ollama's key=value style: time=… level=… source=… msg=…
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="time=%(asctime)s level=%(levelname)s source=%(name)s msg=\"%(message)s\"")
+
+
+class Loaded:
+    """A model ready to run: backend, model, tokenizer."""
+
+    def __init__(self, path: str, threads: int, progress: Any = None, n_gpu_layers: int = 0, main_gpu: int = 0,
+                 tensor_split: tuple[float, ...] = (), flash: bool = False) -> None:
+        from ggml import RuntimeOptions, load_backend
+        from models import load_model
+        from models.tokenizer import tokenizer_from_metadata
+        opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, main_gpu=main_gpu,
+                              tensor_split=tensor_split, flash_attention=flash)
+        self.backend = load_backend(path, opts, progress)
+        try:
+            self.model = load_model(self.backend)
+            self.tokenizer = tokenizer_from_metadata(self.backend.metadata)
+        except BaseException:
+            self.backend.close()
+            raise
+
+
+def _kv_type(name: str) -> Any:
+    from ml.dtype import DType
+    return {"": DType.F16, "f16": DType.F16, "q8_0": DType.Q8_0, "q4_0": DType.Q4_0}.get(name.lower(), DType.F16)
+
+
+def run_runner(argv: Sequence[str]) -> int:
+    """The runner process: HTTP up at once, model loaded on a thread, /health reports progress."""
+    import uvicorn
+
+    from runner.engine import Engine
+    from runner.flags import parse_args
+    from runner.responses import ServerStatus
+    from runner.server import RunnerState, build_app
+
+    try:
+        cfg, unknown = parse_args(list(argv), os.environ)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    _setup_logging(cfg.verbose)
+    log = logging.getLogger("runner")
+    if unknown:
+        log.warning("ignoring unknown flags: %s", " ".join(unknown))
+    if cfg.lora:
+        log.warning("LoRA adapters are not supported; ignoring %s", ", ".join(cfg.lora))
+    state = RunnerState()
+
+    def load() -> None:
+        try:
+            def progress(p: float) -> None:
+                state.progress = p
+            loaded = Loaded(cfg.model, cfg.threads, progress, cfg.n_gpu_layers, cfg.main_gpu, cfg.tensor_split,
+                            cfg.flash_attn)
+            engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=cfg.ctx_size,
+                            n_batch=cfg.batch_size, parallel=cfg.parallel, multiuser=cfg.multiuser_cache,
+                            flash=cfg.flash_attn, kv_type=_kv_type(cfg.kv_cache_type) if cfg.flash_attn else
+                            _kv_type(""))
+            engine.start()
+            state.engine, state.progress, state.status = engine, 1.0, ServerStatus.READY
+            log.info("model loaded; serving on 127.0.0.1:%d", cfg.port)
+        except Exception as e:
+            state.status, state.error = ServerStatus.ERROR, str(e)
+            print(f"error loading model: {e}", file=sys.stderr, flush=True)
+            os._exit(1)  # as the Go runner: a load failure ends the process; stderr carries the reason
+        finally:
+            state.ready.set()
+
+    threading.Thread(target=load, name="model-load", daemon=True).start()
+    app = build_app(state, cfg.dialect)
+    uvicorn.run(app, host="127.0.0.1", port=cfg.port, log_level="warning", access_log=False)
+    return 0
+
+
+def run_generate(argv: Sequence[str]) -> int:
+    """Stream a completion of --prompt to stdout; counts and speed to stderr."""
+    from runner.engine import Engine, Event
+    from runner.protocol import CompletionRequest
+    from runner.sampling import SamplerParams
+
+    p = argparse.ArgumentParser(prog="ollama-pyrunner generate")
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("-n", "--num-predict", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=-1)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--ctx-size", type=int, default=2048)
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
+
+    def bar(frac: float) -> None:
+        n = int(frac * 30)
+        print(f"\rloading [{'#' * n}{'.' * (30 - n)}] {frac * 100:5.1f}%", end="", file=sys.stderr, flush=True)
+
+    try:
+        loaded = Loaded(args.model, args.threads, bar)
+    except Exception as e:
+        print(f"\nerror loading model: {e}", file=sys.stderr)
+        return 1
+    print(file=sys.stderr)
+    engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=args.ctx_size, n_batch=512, parallel=1)
+    engine.start()
+    done = threading.Event()
+    final: list[Event] = []
+
+    def sink(ev: Event) -> None:
+        if ev.text:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        if ev.done is not None:
+            final.append(ev)
+            done.set()
+
+    req = CompletionRequest(prompt=args.prompt, images=(), num_predict=args.num_predict, num_keep=0, stop=(),
+                            sampling=SamplerParams(temperature=args.temperature,
+                                                   seed=None if args.seed < 0 else args.seed))
+    engine.submit(req, sink)
+    done.wait()
+    engine.close()
+    ev = final[0]
+    print(file=sys.stdout, flush=True)
+    if ev.error:
+        print(f"error: {ev.error}", file=sys.stderr)
+        return 1
+    m = ev.metrics
+    assert m is not None
+    pe, ee = m.prompt_eval_duration_ns / 1e9, m.eval_duration_ns / 1e9
+    print(f"prompt eval: {m.prompt_eval_count} tokens in {pe:.3f}s ({m.prompt_eval_count / max(pe, 1e-9):.1f} "
+          f"tok/s); eval: {m.eval_count} tokens in {ee:.3f}s ({max(m.eval_count - 1, 0) / max(ee, 1e-9):.1f} "
+          f"tok/s)", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "generate":
+        return run_generate(args[1:])
+    if args and args[0] == "convert":
+        from models.convert import main as convert_main
+        return convert_main(args[1:])
+    if args and args[0] == "embed":
+        from runner.embed_cli import run_embed
+        return run_embed(args[1:])
+    return run_runner(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""The batch loop: one thread owns the backend, model and KV cache; requests come in through `submit` and leave as
+events on each sequence's queue. Scheduling decisions come from runner.scheduling (pure functions); this module only
+carries them out."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ml.backend import Backend
+from ml.batch import Batch
+from ml.dtype import DType
+from runner.protocol import CompletionRequest
+from runner.responses import DoneReason, Metrics
+from runner.sampling import Sampler
+from runner.scheduling import SeqState, SlotState, choose_slot, effective_num_keep, schedule, truncate_prompt
+from runner.text import Action, check_pending, encode_stops, flush_pending
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Event:
+    """A piece of output: text, or the end (`done` set) with its reason and metrics."""
+
+    text: str = ""
+    done: DoneReason | None = None
+    metrics: Metrics | None = None
+    error: str | None = None
+
+
+EventSink = Callable[[Event], None]
+
+
+@dataclass
+class Sequence:
+    """One request in flight."""
+
+    request: CompletionRequest
+    sink: EventSink
+    tokens: list[int] = field(default_factory=list)  # prompt after truncation
+    slot: int = -1
+    pending: list[int] = field(default_factory=list)  # inputs not yet evaluated
+    n_past: int = 0
+    num_keep: int = 0
+    sampler: Sampler | None = None
+    stops: tuple[bytes, ...] = ()
+    pieces: list[bytes] = field(default_factory=list)  # generated text not yet sent
+    n_generated: int = 0
+    cancelled: bool = False
+    t_start: float = 0.0
+    t_first: float = 0.0
+    n_prompt: int = 0
+
+    def cancel(self) -> None:
+        """Client went away: the loop ends this sequence at its next step and frees the slot."""
+        self.cancelled = True
+
+
+@dataclass
+class _Slot:
+    id: int
+    inputs: list[int] = field(default_factory=list)  # what the KV cache holds for this slot, in order
+    seq: Sequence | None = None
+    last_used: float = 0.0
+
+
+class Engine:
+    """Runs a model over `parallel` slots of `n_ctx // parallel` tokens each."""
+
+    def __init__(self, backend: Backend, model: Any, tokenizer: Any, *, n_ctx: int, n_batch: int, parallel: int,
+                 multiuser: bool = False, flash: bool = False, kv_type: DType = DType.F16) -> None:
+        self.backend, self.model, self.tokenizer = backend, model, tokenizer
+        self.parallel = max(1, parallel)
+        self.n_ctx_slot = max(1, n_ctx // self.parallel)
+        self.n_batch = max(1, n_batch)
+        self.multiuser = multiuser
+        self.n_vocab = int(model.params.n_vocab)
+        self.cache = model.new_cache(flash=flash)
+        self.cache.init(backend, kv_type, self.parallel, self.n_ctx_slot * self.parallel, self.n_batch)
+        self.slots = [_Slot(i) for i in range(self.parallel)]
+        self._incoming: deque[Sequence] = deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._rr = 0
+        self._thread = threading.Thread(target=self._run, name="batch-loop", daemon=True)
+        self.error: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout=10)
+        self.cache.close()
+
+    def submit(self, request: CompletionRequest, sink: EventSink) -> Sequence:
+        """Queue a request; events go to `sink` (called from the loop thread). Waits for a free slot in the loop,
+        so at most `parallel` sequences run at once and extra ones wait, as the Go runner's semaphore does."""
+        seq = Sequence(request, sink, t_start=time.monotonic())
+        with self._cv:
+            self._incoming.append(seq)
+            self._cv.notify_all()
+        return seq
+
+    # ---- the loop ----
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self._incoming and not self._active():
+                        self._cv.wait()
+                    if self._stop:
+                        return
+                self._admit()
+                self._step()
+        except Exception as e:  # a backend failure: fail every sequence, health turns red
+            log.exception("batch loop failed")
+            self.error = f"{type(e).__name__}: {e}"
+            for s in self.slots:
+                if s.seq is not None:
+                    s.seq.sink(Event(done=DoneReason.STOP, error=self.error))
+                    s.seq = None
+
+    def _active(self) -> list[Sequence]:
+        return [s.seq for s in self.slots if s.seq is not None]
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots (longest-prefix or multi-user policy)."""
+        while True:
+            with self._cv:
+                if not self._incoming or all(s.seq is not None for s in self.slots):
+                    return
+                seq = self._incoming.popleft()
+            if seq.cancelled:
+                continue
+            try:
+                self._place(seq)
+            except Exception as e:  # a bad request fails alone
+                log.warning("request failed: %s", e)
+                seq.sink(Event(done=DoneReason.STOP, error=str(e)))
+
+    def _place(self, seq: Sequence) -> None:
+        req = seq.request
+        tokens = self.tokenizer.encode(req.prompt, add_special=True, parse_special=True)
+        if not tokens:
+            raise ValueError("prompt is empty after tokenization")
+        seq.num_keep = effective_num_keep(req.num_keep, len(tokens), self.n_ctx_slot)
+        tokens = truncate_prompt(tokens, self.n_ctx_slot, seq.num_keep)
+        seq.tokens, seq.n_prompt = tokens, len(tokens)
+        states = [SlotState(s.id, s.inputs, s.seq is not None, s.last_used) for s in self.slots]
+        choice = choose_slot(tokens, states, self.multiuser)
+        slot = self.slots[choice.slot]
+        n_past = choice.n_past
+        if choice.fork_from is not None:
+            self.cache.remove(slot.id, 0, None)
+            self.cache.copy_prefix(choice.fork_from, slot.id, choice.n_fork)
+            slot.inputs = list(self.slots[choice.fork_from].inputs[:choice.n_fork])
+        if n_past and not self.cache.can_resume(slot.id, n_past):
+            n_past = 0  # the sliding window that resuming needs is gone
+        self.cache.remove(slot.id, n_past, None)
+        slot.inputs = slot.inputs[:n_past]
+        slot.seq, slot.last_used = seq, time.monotonic()
+        seq.slot, seq.n_past, seq.pending = slot.id, n_past, tokens[n_past:]
+        history = tokens if req.sampling.repeat_last_n else ()
+        seq.sampler = Sampler(req.sampling, n_ctx=self.n_ctx_slot, history=history)
+        seq.stops = encode_stops(req.stop)
+        log.debug("seq placed: slot=%d prompt=%d cached=%d", slot.id, len(tokens), n_past)
+
+    def _step(self) -> None:
+        for s in self.slots:  # cancellation frees the slot at once
+            if s.seq is not None and s.seq.cancelled:
+                s.seq = None
+        table: list[SeqState | None] = [
+            SeqState(slot=s.id, n_cached=s.seq.n_past, n_pending=len(s.seq.pending), num_keep=s.seq.num_keep)
+            if s.seq is not None else None for s in self.slots]
+        if not any(table):
+            return
+        step = schedule(table, self.n_batch, self.n_ctx_slot, self._rr)
+        # Rotate the starting sequence so none starves (the scheduler moves it to whoever got nothing).
+        self._rr = step.next_start if step.next_start != self._rr else (self._rr + 1) % len(self.slots)
+        if not step.chunks:
+            return
+        tokens: list[int] = []
+        for c in step.chunks:
+            seq = self.slots[c.slot].seq
+            assert seq is not None
+            if c.shift is not None and c.shift.discard:
+                self._shift(self.slots[c.slot], c.shift.keep, c.shift.discard)
+            tokens.extend(seq.pending[:c.n_inputs])
+        positions = np.asarray(step.positions(), dtype=np.int32)
+        batch = Batch(np.asarray(tokens, dtype=np.int32), positions,
+                      np.asarray(step.slots(), dtype=np.int32), np.asarray(step.outputs, dtype=np.int32))
+        ctx = self.backend.new_context()
+        try:
+            logits_t = self.model.forward(ctx, batch, self.cache)
+            ctx.forward(logits_t).compute(logits_t)
+            logits = logits_t.numpy().reshape(-1, self.n_vocab)
+        finally:
+            ctx.close()
+        now = time.monotonic()
+        for c in step.chunks:
+            slot = self.slots[c.slot]
+            seq = slot.seq
+            assert seq is not None
+            slot.inputs.extend(seq.pending[:c.n_inputs])
+            seq.n_past += c.n_inputs
+            seq.pending = seq.pending[c.n_inputs:]
+            slot.last_used = now
+            if c.output is not None:
+                self._sample(slot, seq, logits[c.output], now)
+
+    def _shift(self, slot: _Slot, keep: int, discard: int) -> None:
+        """Context shift: drop inputs [keep, keep+discard) and slide the rest down (keys re-rotated)."""
+        seq = slot.seq
+        assert seq is not None
+        self.cache.remove(slot.id, keep, keep + discard)
+        slot.inputs = slot.inputs[:keep] + slot.inputs[keep + discard:]
+        seq.n_past -= discard
+        log.debug("context shift: slot=%d keep=%d discard=%d", slot.id, keep, discard)
+
+    def _sample(self, slot: _Slot, seq: Sequence, row: np.ndarray[Any, Any], now: float) -> None:
+        assert seq.sampler is not None
+        if seq.cancelled:
+            slot.seq = None
+            return
+        if seq.n_generated == 0:
+            seq.t_first = now
+        token = seq.sampler.sample(row)
+        seq.sampler.accept(token)
+        seq.n_generated += 1
+        if self.tokenizer.is_eog(token):
+            self._finish(slot, seq, DoneReason.STOP)
+            return
+        seq.pieces.append(self.tokenizer.token_bytes(token))
+        decision = check_pending(seq.pieces, seq.stops)
+        if decision.action == Action.STOP:
+            if decision.text:
+                seq.sink(Event(text=decision.text))
+            # The slot keeps only what was returned: drop the tokens of the cut/stopping pieces.
+            n_drop = len(seq.pieces) - decision.n_full - 1  # the newest token is not cached yet
+            if n_drop > 0:
+                keep = len(slot.inputs) - n_drop
+                self.cache.remove(slot.id, keep, None)
+                slot.inputs = slot.inputs[:keep]
+            seq.pieces = []
+            self._finish(slot, seq, DoneReason.STOP)
+            return
+        if decision.action == Action.SEND:
+            if decision.text:
+                seq.sink(Event(text=decision.text))
+            seq.pieces = []
+        limit = seq.request.num_predict
+        if limit > 0 and seq.n_generated >= limit:
+            self._finish(slot, seq, DoneReason.LENGTH)
+            return
+        seq.pending = [token]
+
+    def _finish(self, slot: _Slot, seq: Sequence, reason: DoneReason) -> None:
+        rest = flush_pending(seq.pieces)
+        if rest:
+            seq.sink(Event(text=rest))
+        now = time.monotonic()
+        metrics = Metrics(prompt_eval_count=seq.n_prompt,
+                          prompt_eval_duration_ns=int((seq.t_first - seq.t_start) * 1e9),
+                          eval_count=seq.n_generated, eval_duration_ns=int((now - seq.t_first) * 1e9))
+        seq.sink(Event(done=reason, metrics=metrics))
+        slot.seq = None
+        slot.last_used = now

@@ -1,0 +1,111 @@
+"""HTTP only (starlette): parse, hand to the engine, stream its events. /health never waits on the model: loading
+and compute run on other threads, so it answers at once in every state."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from runner.engine import Engine, Event
+from runner.errors import RequestError
+from runner.protocol import Dialect, decode_completion
+from runner.responses import (ERROR_HEADERS, JSON_CONTENT_TYPE, ServerStatus, encode_chunk, encode_final,
+                              encode_health, error_body)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerState:
+    """What /health reports; written by the loader thread, read by the event loop."""
+
+    status: ServerStatus = ServerStatus.LOADING_MODEL
+    progress: float = 0.0
+    error: str = ""
+    engine: Engine | None = None
+    embed: Callable[[str], list[float]] | None = None
+    ready: threading.Event = field(default_factory=threading.Event)  # set when loading ended (either way)
+
+
+def _error(status: int, message: str) -> Response:
+    return Response(error_body(message), status_code=status, headers=ERROR_HEADERS)
+
+
+def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
+    async def health(_: Request) -> Response:
+        status = state.status
+        if state.engine is not None and state.engine.error:
+            status = ServerStatus.ERROR
+        return Response(encode_health(dialect, status, state.progress), media_type=JSON_CONTENT_TYPE)
+
+    async def wait_ready() -> Response | None:
+        # A request that arrives during load waits for the model (the protocol has no 503).
+        while not state.ready.is_set():
+            await asyncio.sleep(0.02)
+        if state.status != ServerStatus.READY or state.engine is None:
+            return _error(500, f"model failed to load: {state.error}")
+        return None
+
+    async def completion(request: Request) -> Response:
+        body = await request.body()
+        try:
+            req = decode_completion(body, dialect)
+        except RequestError as e:
+            log.warning("bad /completion request: %s", e)
+            return _error(400, "Bad request")
+        not_ready = await wait_ready()
+        if not_ready is not None:
+            return not_ready
+        assert state.engine is not None
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        seq = state.engine.submit(req, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        first = await queue.get()
+        if first.error is not None:
+            return _error(500, f"Failed to create new sequence: {first.error}")
+
+        async def stream() -> AsyncIterator[bytes]:
+            ev = first
+            try:
+                while True:
+                    if ev.done is not None:
+                        if ev.error is None and ev.metrics is not None:
+                            yield encode_final(dialect, ev.done, ev.metrics)
+                        return
+                    yield encode_chunk(dialect, ev.text)
+                    ev = await queue.get()
+            finally:
+                seq.cancel()  # no-op when finished; frees the slot when the client went away
+
+        return StreamingResponse(stream(), media_type=JSON_CONTENT_TYPE)
+
+    async def embedding(request: Request) -> Response:
+        from runner.protocol import decode_embedding
+        from runner.responses import encode_embedding
+        body = await request.body()
+        try:
+            req = decode_embedding(body)
+        except RequestError as e:
+            log.warning("bad /embedding request: %s", e)
+            return _error(400, "Bad request")
+        not_ready = await wait_ready()
+        if not_ready is not None:
+            return not_ready
+        if state.embed is None:
+            return _error(501, "this model does not support embeddings")
+        try:
+            values = await asyncio.to_thread(state.embed, req.content)
+        except Exception as e:
+            return _error(500, f"failed to embed: {e}")
+        return Response(encode_embedding(values), media_type=JSON_CONTENT_TYPE)
+
+    routes = [Route("/health", health, methods=["GET"]), Route("/completion", completion, methods=["POST"]),
+              Route("/embedding", embedding, methods=["POST"])]
+    return Starlette(routes=routes)
