@@ -38,6 +38,7 @@ class DecoderParams:
     rope_base: float
     rope_base_swa: float
     rope_scale: float = 1.0
+    rope_scale_swa: float | None = None  # window layers' RoPE freq scale; None: rope_scale (llama.cpp default)
     neox: bool = False
     window: int = 0
     swa_layers: tuple[bool, ...] = ()
@@ -69,6 +70,11 @@ class DecoderParams:
 
     def base_for(self, il: int) -> float:
         return self.rope_base_swa if self.swa_layers[il] else self.rope_base
+
+    def scale_for(self, il: int) -> float:
+        if self.swa_layers[il] and self.rope_scale_swa is not None:
+            return self.rope_scale_swa
+        return self.rope_scale
 
 
 @dataclass(kw_only=True)
@@ -121,7 +127,7 @@ class Block(Module):
 def rope(ctx: Context, t: Tensor, positions: Tensor, il: int, p: DecoderParams, freqs: Tensor | None) -> Tensor:
     """RoPE with layer il's settings; the cache's shift callback uses the same function."""
     return t.rope(ctx, positions, p.rope_dim, p.base_for(il), neox=p.neox, freq_factors=freqs,
-                  freq_scale=p.rope_scale, n_ctx_orig=p.n_ctx_train)
+                  freq_scale=p.scale_for(il), n_ctx_orig=p.n_ctx_train)
 
 
 @dataclass(kw_only=True)

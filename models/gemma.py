@@ -60,7 +60,8 @@ class Gemma3(Decoder):
         # gemma_pytorch: the 27B model (62 layers) scales queries by n_embd / n_head, the others by head_dim.
         scale = 1.0 / math.sqrt(n_embd // n_head if n_layer == 62 else head_dim)
         window = backend.uint("attention.sliding_window", 0)
+        # llama.cpp (rope_freq_scale_train_swa = 1) and HF: local layers are never RoPE-scaled, only global ones.
         return DecoderParams.read(
-            backend, **_common(backend), window=window, attn_scale=scale,
+            backend, **_common(backend), window=window, attn_scale=scale, rope_scale_swa=1.0,
             swa_layers=tuple(bool(window) and il % 6 < 5 for il in range(n_layer)),
             final_softcap=backend.float("final_logit_softcapping", 0.0))

@@ -109,8 +109,13 @@ def run_generate(argv: Sequence[str]) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
 
+    shown = [-1]
+
     def bar(frac: float) -> None:
         n = int(frac * 30)
+        if n == shown[0]:
+            return
+        shown[0] = n
         print(f"\rloading [{'#' * n}{'.' * (30 - n)}] {frac * 100:5.1f}%", end="", file=sys.stderr, flush=True)
 
     try:

@@ -82,8 +82,14 @@ class Engine:
         self.n_batch = max(1, n_batch)
         self.multiuser = multiuser
         self.n_vocab = int(model.params.n_vocab)
-        self.cache = model.new_cache(flash=flash)
-        self.cache.init(backend, kv_type, self.parallel, self.n_ctx_slot * self.parallel, self.n_batch)
+        # Embedding-only models (bert) have no KV cache and cannot generate.
+        self.can_generate = callable(getattr(model, "new_cache", None))
+        self.can_embed = bool(getattr(model, "can_embed", False))
+        self.cache = model.new_cache(flash=flash) if self.can_generate else None
+        if self.cache is not None:
+            self.cache.init(backend, kv_type, self.parallel, self.n_ctx_slot * self.parallel, self.n_batch)
+        self.n_ctx_embed = int(getattr(model.params, "n_ctx_train", 0) or n_ctx)
+        self._embeds: deque[tuple[str, Callable[[list[float] | str], None]]] = deque()
         self.slots = [_Slot(i) for i in range(self.parallel)]
         self._incoming: deque[Sequence] = deque()
         self._cv = threading.Condition()
@@ -100,7 +106,8 @@ class Engine:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=10)
-        self.cache.close()
+        if self.cache is not None:
+            self.cache.close()
 
     def submit(self, request: CompletionRequest, sink: EventSink) -> Sequence:
         """Queue a request; events go to `sink` (called from the loop thread). Waits for a free slot in the loop,
@@ -111,15 +118,22 @@ class Engine:
             self._cv.notify_all()
         return seq
 
+    def submit_embedding(self, text: str, reply: Callable[[list[float] | str], None]) -> None:
+        """Queue an embedding; `reply` gets the pooled (un-normalized) vector, or an error message."""
+        with self._cv:
+            self._embeds.append((text, reply))
+            self._cv.notify_all()
+
     # ---- the loop ----
     def _run(self) -> None:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self._incoming and not self._active():
+                    while not self._stop and not self._incoming and not self._embeds and not self._active():
                         self._cv.wait()
                     if self._stop:
                         return
+                self._embed_pending()
                 self._admit()
                 self._step()
         except Exception as e:  # a backend failure: fail every sequence, health turns red
@@ -148,8 +162,32 @@ class Engine:
                 log.warning("request failed: %s", e)
                 seq.sink(Event(done=DoneReason.STOP, error=str(e)))
 
+    def _embed_pending(self) -> None:
+        """Embeddings run between generation steps, one forward each, so completions keep streaming."""
+        while True:
+            with self._cv:
+                if not self._embeds:
+                    return
+                text, reply = self._embeds.popleft()
+            try:
+                tokens = self.tokenizer.encode(text, add_special=True, parse_special=False)
+                if len(tokens) > self.n_ctx_embed:  # too long: keep the head, as llama.cpp truncates
+                    tokens = tokens[:self.n_ctx_embed]
+                ctx = self.backend.new_context()
+                try:
+                    out = self.model.embed(ctx, Batch.single(tokens))
+                    ctx.forward(out).compute(out)
+                    reply([float(v) for v in out.numpy().reshape(-1)])
+                finally:
+                    ctx.close()
+            except Exception as e:  # one bad input fails alone
+                log.warning("embedding failed: %s", e)
+                reply(f"{type(e).__name__}: {e}")
+
     def _place(self, seq: Sequence) -> None:
         req = seq.request
+        if self.cache is None:
+            raise ValueError("this model does not support generation")
         tokens = self.tokenizer.encode(req.prompt, add_special=True, parse_special=True)
         if not tokens:
             raise ValueError("prompt is empty after tokenization")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from starlette.applications import Starlette
@@ -15,9 +15,9 @@ from starlette.routing import Route
 
 from runner.engine import Engine, Event
 from runner.errors import RequestError
-from runner.protocol import Dialect, decode_completion
-from runner.responses import (ERROR_HEADERS, JSON_CONTENT_TYPE, ServerStatus, encode_chunk, encode_final,
-                              encode_health, error_body)
+from runner.protocol import Dialect, decode_completion, decode_embedding
+from runner.responses import (ERROR_HEADERS, JSON_CONTENT_TYPE, ServerStatus, encode_chunk, encode_embedding,
+                              encode_final, encode_health, error_body)
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ class RunnerState:
     progress: float = 0.0
     error: str = ""
     engine: Engine | None = None
-    embed: Callable[[str], list[float]] | None = None
     ready: threading.Event = field(default_factory=threading.Event)  # set when loading ended (either way)
 
 
@@ -87,8 +86,6 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
         return StreamingResponse(stream(), media_type=JSON_CONTENT_TYPE)
 
     async def embedding(request: Request) -> Response:
-        from runner.protocol import decode_embedding
-        from runner.responses import encode_embedding
         body = await request.body()
         try:
             req = decode_embedding(body)
@@ -98,13 +95,17 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
         not_ready = await wait_ready()
         if not_ready is not None:
             return not_ready
-        if state.embed is None:
+        engine = state.engine
+        assert engine is not None
+        if not engine.can_embed:
             return _error(501, "this model does not support embeddings")
-        try:
-            values = await asyncio.to_thread(state.embed, req.content)
-        except Exception as e:
-            return _error(500, f"failed to embed: {e}")
-        return Response(encode_embedding(values), media_type=JSON_CONTENT_TYPE)
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[list[float] | str] = loop.create_future()
+        engine.submit_embedding(req.content, lambda r: loop.call_soon_threadsafe(done.set_result, r))
+        result = await done
+        if isinstance(result, str):
+            return _error(500, f"failed to embed: {result}")
+        return Response(encode_embedding(result), media_type=JSON_CONTENT_TYPE)
 
     routes = [Route("/health", health, methods=["GET"]), Route("/completion", completion, methods=["POST"]),
               Route("/embedding", embedding, methods=["POST"])]

@@ -1,0 +1,119 @@
+"""bert: an encoder for embeddings. Absolute position and token-type embeddings, post-LayerNorm blocks, non-causal
+attention within each sequence, and pooling per `pooling_type` (mirrors llama.cpp src/models/bert.cpp)."""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ml.backend import Backend, Context, Tensor
+from ml.batch import Batch
+from ml.module import Module, hyper, weight
+from ml.nn import LayerNorm, Linear, attention
+from models.registry import register
+
+
+class Pooling(enum.IntEnum):
+    """GGUF `<arch>.pooling_type` values (llama.cpp's enum)."""
+
+    NONE = 0
+    MEAN = 1
+    CLS = 2
+    LAST = 3
+
+
+@dataclass(frozen=True)
+class BertParams:
+    n_embd: int
+    n_head: int
+    n_layer: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    eps: float
+    pooling: Pooling
+    n_token_types: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+@dataclass(kw_only=True)
+class BertBlock(Module):
+    attn_q: Linear = weight(shape=lambda p: (p.n_embd, p.n_embd))
+    attn_k: Linear = weight(shape=lambda p: (p.n_embd, p.n_embd))
+    attn_v: Linear = weight(shape=lambda p: (p.n_embd, p.n_embd))
+    attn_output: Linear = weight(shape=lambda p: (p.n_embd, p.n_embd))
+    attn_output_norm: LayerNorm = weight(shape=lambda p: (p.n_embd,))
+    ffn_up: Linear = weight(shape=lambda p: (p.n_embd, p.n_ff))
+    ffn_down: Linear = weight(shape=lambda p: (p.n_ff, p.n_embd))
+    layer_output_norm: LayerNorm = weight(shape=lambda p: (p.n_embd,))
+
+    def forward(self, ctx: Context, x: Tensor, mask: Tensor, p: BertParams, n: int) -> Tensor:
+        def heads(t: Tensor) -> Tensor:  # [n_embd, n] -> [head_dim, n, n_head]
+            return t.reshape(ctx, p.head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
+
+        q = self.attn_q.forward(ctx, x).reshape(ctx, p.head_dim, p.n_head, n)
+        k, v = heads(self.attn_k.forward(ctx, x)), heads(self.attn_v.forward(ctx, x))
+        a = attention(ctx, q, k, v, mask, 1.0 / math.sqrt(p.head_dim))
+        x = self.attn_output_norm.forward(ctx, x.add(ctx, self.attn_output.forward(ctx, a)), p.eps)
+        h = self.ffn_down.forward(ctx, self.ffn_up.forward(ctx, x).gelu(ctx))
+        return self.layer_output_norm.forward(ctx, x.add(ctx, h), p.eps)
+
+
+@register("bert")
+@dataclass(kw_only=True)
+class Bert(Module):
+    params: BertParams = hyper()
+    token_embd: Tensor = weight(shape=lambda p: (p.n_embd, p.n_vocab))
+    token_types: Tensor = weight(shape=lambda p: (p.n_embd, p.n_token_types))
+    position_embd: Tensor = weight(shape=lambda p: (p.n_embd, p.n_ctx_train))
+    token_embd_norm: LayerNorm = weight(shape=lambda p: (p.n_embd,))
+    blk: list[BertBlock] = weight(count=lambda p: p.n_layer)
+
+    @classmethod
+    def read_params(cls, b: Backend) -> BertParams:
+        n_vocab = len(b.strings("tokenizer.ggml.tokens"))
+        return BertParams(
+            n_embd=b.uint("embedding_length"), n_head=b.uint("attention.head_count"), n_layer=b.uint("block_count"),
+            n_ff=b.uint("feed_forward_length"), n_vocab=n_vocab, n_ctx_train=b.uint("context_length"),
+            eps=b.float("attention.layer_norm_epsilon"), pooling=Pooling(b.uint("pooling_type", 0)),
+            n_token_types=b.uint("tokenizer.ggml.token_type_count", 2))
+
+    @property
+    def can_embed(self) -> bool:
+        return self.params.pooling != Pooling.NONE
+
+    def embed(self, ctx: Context, batch: Batch) -> Tensor:
+        """Pooled embeddings [n_embd, n_seqs] of the batch's sequences (in order of first appearance); every
+        token attends to every token of its own sequence."""
+        p = self.params
+        n = batch.n_tokens
+        seqs, first = np.unique(batch.seqs, return_index=True)
+        order = seqs[np.argsort(first)]
+        same = batch.seqs[None, :] == batch.seqs[:, None]  # [query, key]
+        mask = ctx.from_numpy(np.where(same, 0.0, -np.inf).astype(np.float32))
+        ids = ctx.from_numpy(batch.tokens)
+        x = self.token_embd.get_rows(ctx, ids)
+        x = x.add(ctx, self.token_types.get_rows(ctx, ctx.from_numpy(np.zeros(n, dtype=np.int32))))
+        x = x.add(ctx, self.position_embd.get_rows(ctx, ctx.from_numpy(batch.positions)))
+        x = self.token_embd_norm.forward(ctx, x, p.eps)  # [n_embd, n]
+        for block in self.blk:
+            x = block.forward(ctx, x, mask, p, n)
+        return pool(ctx, x, batch.seqs, order, p.pooling)
+
+
+def pool(ctx: Context, x: Tensor, seqs: np.ndarray, order: np.ndarray, how: Pooling) -> Tensor:
+    """x [n_embd, n_tokens] -> [n_embd, n_seqs]: mean over each sequence's tokens, its first, or its last."""
+    n = seqs.size
+    if how == Pooling.MEAN:
+        member = (seqs[None, :] == order[:, None]).astype(np.float32)  # [n_seqs, n_tokens]
+        weights = member / member.sum(axis=1, keepdims=True)
+        xt = x.transpose(ctx).contiguous(ctx)  # [n_tokens, n_embd]
+        return xt.matmul(ctx, ctx.from_numpy(weights))  # weights is ggml [n_tokens, n_seqs]
+    idx = np.array([np.flatnonzero(seqs == s)[0 if how == Pooling.CLS else -1] for s in order], dtype=np.int32)
+    assert idx.size and n
+    return x.get_rows(ctx, ctx.from_numpy(idx))
