@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 MODULE_NAME = "ggml._ggml_api"
 
@@ -178,6 +179,7 @@ size_t ggml_backend_buffer_get_size(ggml_backend_buffer_t buffer);
 void ggml_backend_buffer_set_usage(ggml_backend_buffer_t buffer, enum ggml_backend_buffer_usage usage);
 void ggml_backend_buffer_clear(ggml_backend_buffer_t buffer, uint8_t value);
 bool ggml_backend_buffer_is_host(ggml_backend_buffer_t buffer);
+ggml_backend_buffer_type_t ggml_backend_buffer_get_type(ggml_backend_buffer_t buffer);
 void ggml_backend_tensor_set(struct ggml_tensor * tensor, const void * data, size_t offset, size_t size);
 void ggml_backend_tensor_get(const struct ggml_tensor * tensor, void * data, size_t offset, size_t size);
 void ggml_backend_tensor_memset(struct ggml_tensor * tensor, uint8_t value, size_t offset, size_t size);
@@ -242,7 +244,7 @@ C_SOURCE = """
 """
 
 
-def make_builder():  # type: ignore[no-untyped-def]
+def make_builder() -> Any:
     import cffi
 
     ffibuilder = cffi.FFI()

@@ -13,6 +13,8 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 CData = Any  # cffi objects; never returned outside ggml/
 
+__all__ = ["CData", "check", "check_status", "ffi", "lib", "version"]
+
 log = logging.getLogger("ggml")
 _LEVELS = {
     lib.GGML_LOG_LEVEL_DEBUG: logging.DEBUG,
@@ -22,7 +24,7 @@ _LEVELS = {
 }
 
 
-@ffi.def_extern()  # type: ignore[misc]
+@ffi.def_extern()  # type: ignore[untyped-decorator]
 def _ggml_log_to_python(level: int, text: CData, _user: CData) -> None:
     msg = ffi.string(text).decode("utf-8", "replace").rstrip("\n")
     if msg:

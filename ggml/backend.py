@@ -1,6 +1,8 @@
 """GgmlBackend: a GGUF file's metadata and weights, loaded into ggml backend buffers (CPU, CPU_REPACK, GPUs)."""
 from __future__ import annotations
 
+import builtins
+
 import logging
 import re
 import time
@@ -56,6 +58,7 @@ class GgmlBackend:
             self._own_runtime = runtime is None
             self.runtime = runtime if runtime is not None else Runtime(options)
             self.runtime.n_layer = self.n_layer
+            self._closed = False
             self._state: dict[str, Any] = {"buffers": [], "ctxs": []}
             self._finalizer = weakref.finalize(self, _free_buffers, self._state)
             self._tensors: dict[str, GgmlTensor] = {}
@@ -143,7 +146,7 @@ class GgmlBackend:
     def float(self, key: str, default: float | None = None) -> float:
         return float(self._value(key, default, (float, int), "a number"))
 
-    def bool(self, key: str, default: bool | None = None) -> bool:
+    def bool(self, key: str, default: builtins.bool | None = None) -> builtins.bool:
         return bool(self._value(key, default, (bool,), "a bool"))
 
     def strings(self, key: str, default: list[str] | None = None) -> list[str]:
@@ -159,7 +162,7 @@ class GgmlBackend:
             raise ModelLoadError(f"{self.path.name}: {self._key(key)} is not an integer array")
         return arr.astype(np.int64)
 
-    def floats(self, key: str, default: Sequence[float] | None = None) -> npt.NDArray[np.float32]:
+    def floats(self, key: str, default: Sequence[builtins.float] | None = None) -> npt.NDArray[np.float32]:
         v = self._value(key, None if default is None else np.asarray(default), (np.ndarray, int, float), "numbers")
         arr = np.atleast_1d(np.asarray(v))
         if arr.dtype.kind not in "iuf":
@@ -173,10 +176,15 @@ class GgmlBackend:
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 
+    @property
+    def closed(self) -> builtins.bool:
+        return self._closed
+
     def new_context(self, max_nodes: int = 0) -> GgmlContext:
         return GgmlContext(self.runtime, max_nodes)
 
     def close(self) -> None:
+        self._closed = True
         self._tensors.clear()
         self._finalizer()
         if self._own_runtime and hasattr(self, "runtime"):

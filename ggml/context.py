@@ -36,16 +36,17 @@ class GgmlContext:
                  parent: GgmlContext | None = None) -> None:
         self._rt = runtime
         self._buft = buft if buft is not None else runtime.cpu_buft
+        self._parent = parent
+        self._graph: CData = None
         if parent is not None:  # a layer view: same graph and ownership, other allocation target
-            self._state, self._max_nodes, self._graph, self._parent = parent._state, parent._max_nodes, None, parent
+            self._state: dict[str, Any] = parent._state
+            self._max_nodes: int = parent._max_nodes
             return
-        self._parent = None
         self._max_nodes = max_nodes or DEFAULT_MAX_NODES
         mem = self._max_nodes * lib.ggml_tensor_overhead() + lib.ggml_graph_overhead_custom(self._max_nodes, False)
         params = ffi.new("struct ggml_init_params *", {"mem_size": mem, "mem_buffer": ffi.NULL, "no_alloc": True})
         ctx = check(lib.ggml_init(params[0]), "ggml_init", f"mem_size={mem}")
-        self._state: dict[str, Any] = {"ctx": ctx, "buffers": []}
-        self._graph = None
+        self._state = {"ctx": ctx, "buffers": []}
         self._finalizer = weakref.finalize(self, _free_context, self._state)
 
     # ---- plumbing for GgmlTensor ----
@@ -85,6 +86,8 @@ class GgmlContext:
         arr = np.ascontiguousarray(array)
         shape = tuple(reversed(arr.shape)) or (1,)
         target = dtype if dtype is not None else dtype_of_numpy(arr.dtype)
+        if target.is_quantized and arr.dtype == np.uint8 and arr.ndim:  # raw blocks: the last axis counts bytes
+            shape = (arr.shape[-1] // target.block_bytes * target.block_size, *shape[1:])
         data = _encode(arr, target)
         t = self.empty(target, *shape)
         if data.nbytes != t.nbytes:
@@ -126,9 +129,10 @@ class GgmlContext:
 
     # ---- graph ----
     def _get_graph(self) -> CData:
+        c = self.c  # raises once closed: the graph lived in the freed ggml context
         root = self._root()
         if root._graph is None:
-            root._graph = check(lib.ggml_new_graph_custom(self.c, root._max_nodes, False), "ggml_new_graph_custom")
+            root._graph = check(lib.ggml_new_graph_custom(c, root._max_nodes, False), "ggml_new_graph_custom")
         return root._graph
 
     def forward(self, *tensors: Tensor) -> GgmlContext:
@@ -154,6 +158,10 @@ class GgmlContext:
             gt._value = gt._read()
 
     @property
+    def closed(self) -> bool:
+        return self._state["ctx"] is None
+
+    @property
     def n_nodes(self) -> int:
         return 0 if self._root()._graph is None else int(lib.ggml_graph_n_nodes(self._root()._graph))
 
@@ -175,9 +183,24 @@ def _encode(arr: npt.NDArray[Any], target: DType) -> npt.NDArray[Any]:
             return arr  # already raw blocks
         from gguf.quants import quantize
         from gguf.constants import GGMLQuantizationType
-        return quantize(arr.astype(np.float32), GGMLQuantizationType(int(target)))
+        src = np.ascontiguousarray(arr, dtype=np.float32)
+        try:
+            return quantize(src, GGMLQuantizationType(int(target)))
+        except NotImplementedError:  # gguf has no numpy quantizer for K-quants / IQ4_NL: use ggml's own
+            return _ggml_quantize(src, target)
     if target == DType.BF16:
         f = arr.astype(np.float32).view(np.uint32)
         # round to nearest even, as ggml's fp32->bf16 does
         return ((f + (0x7FFF + ((f >> 16) & 1))) >> 16).astype(np.uint16)
     return arr.astype(target.numpy, copy=False)
+
+
+def _ggml_quantize(src: npt.NDArray[np.float32], target: DType) -> npt.NDArray[np.uint8]:
+    """Quantize rows of `src` (last axis) to `target` with ggml_quantize_chunk (no importance matrix)."""
+    n_per_row = src.shape[-1] if src.ndim else 1
+    if n_per_row % target.block_size or lib.ggml_quantize_requires_imatrix(int(target)):
+        raise GgmlError(f"cannot quantize rows of {n_per_row} values to {target.name}")
+    out = np.empty((*src.shape[:-1], target.row_bytes(n_per_row)), dtype=np.uint8)
+    lib.ggml_quantize_chunk(int(target), ffi.from_buffer("float[]", src), ffi.from_buffer(out), 0,
+                            src.size // n_per_row, n_per_row, ffi.NULL)
+    return out

@@ -24,7 +24,7 @@ def _c(ctx: Context) -> GgmlContext:
 
 
 def _t(t: Tensor | None) -> CData:
-    return ffi.NULL if t is None else t._ptr  # type: ignore[union-attr]
+    return ffi.NULL if t is None else t._ptr  # type: ignore[attr-defined]
 
 
 class GgmlTensor:
@@ -61,7 +61,7 @@ class GgmlTensor:
 
     @property
     def name(self) -> str:
-        return ffi.string(self._ptr.name).decode()
+        return str(ffi.string(self._ptr.name).decode())
 
     def stride(self, dim: int) -> int:
         return int(self._ptr.nb[dim])
@@ -78,17 +78,23 @@ class GgmlTensor:
         return self._read()
 
     def _read(self) -> npt.NDArray[Any]:
+        if getattr(self._owner, "closed", False):  # the C tensor was freed with its context or backend
+            raise GgmlError("tensor belongs to a closed context or backend")
         p = self._ptr
         if p.data == ffi.NULL or p.buffer == ffi.NULL:
             raise GgmlError(f"tensor {self.name!r} has no data: compute it first (ctx.compute(t))")
         if not lib.ggml_is_contiguous(p):
             raise GgmlError(f"tensor {self.name!r} is a non-contiguous view; make it contiguous before reading")
+        if ffi.string(lib.ggml_backend_buft_name(lib.ggml_backend_buffer_get_type(p.buffer))) == b"CPU_REPACK":
+            # ggml's repack buffer has no get_tensor (it would crash): the layout is not the file's anyway
+            raise GgmlError(f"tensor {self.name!r} is a repacked weight (CPU_REPACK) and cannot be read back")
         ne = self.ne
         dt = self.dtype
         raw = np.empty(self.nbytes, dtype=np.uint8)
         lib.ggml_backend_tensor_get(p, ffi.from_buffer(raw), 0, raw.nbytes)
         if dt.is_quantized:
-            return raw.reshape(ne[3], ne[2], ne[1], dt.row_bytes(ne[0]))[tuple(self._squeeze())]
+            blocks: npt.NDArray[Any] = raw.reshape(ne[3], ne[2], ne[1], dt.row_bytes(ne[0]))
+            return np.asarray(blocks[tuple(self._squeeze())])
         if dt == DType.BF16:
             arr: npt.NDArray[Any] = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:

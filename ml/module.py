@@ -47,6 +47,11 @@ def weight(*, alt: str | tuple[str, ...] = (), optional: bool = False, inline: b
     return field(metadata={"gguf": spec})
 
 
+def optional(shape: ShapeFn | None = None) -> Any:
+    """Shorthand for weight(optional=True): a part that may be absent (biases)."""
+    return weight(optional=True, shape=shape)
+
+
 class Module:
     """Marker base class for weight trees (layers and models)."""
 

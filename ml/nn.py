@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from ml.backend import Context, Tensor
-from ml.module import Module, weight
+from ml.module import Module, optional
 
 
 @dataclass(kw_only=True)
@@ -15,7 +15,7 @@ class Linear(Module):
     """y = W x + b. weight [n_in, n_out], x [n_in, n_tokens] -> [n_out, n_tokens]."""
 
     weight: Tensor
-    bias: Tensor | None = weight(optional=True)
+    bias: Tensor | None = optional()
 
     def forward(self, ctx: Context, x: Tensor) -> Tensor:
         y = self.weight.matmul(ctx, x)
@@ -47,7 +47,7 @@ class LayerNorm(Module):
     """(x - mean) / std * weight + bias over dim 0."""
 
     weight: Tensor
-    bias: Tensor | None = weight(optional=True)
+    bias: Tensor | None = optional()
 
     def forward(self, ctx: Context, x: Tensor, eps: float) -> Tensor:
         y = x.layer_norm(ctx, eps).mul(ctx, self.weight)
@@ -59,7 +59,7 @@ class Conv2D(Module):
     """2-D convolution. weight [KW, KH, C_in, C_out], x [W, H, C_in, N] -> [OW, OH, C_out, N]."""
 
     weight: Tensor
-    bias: Tensor | None = weight(optional=True)
+    bias: Tensor | None = optional()
 
     def forward(self, ctx: Context, x: Tensor, s0: int, s1: int, p0: int = 0, p1: int = 0) -> Tensor:
         y = x.conv2d(ctx, self.weight, s0, s1, p0, p1)

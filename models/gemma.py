@@ -16,14 +16,14 @@ from models.registry import register
 class GemmaBlock(Block):
     """Post-norms are required in gemma."""
 
-    post_attention_norm: RMSNorm = weight(shape=lambda p: (p.n_embd,))  # type: ignore[assignment]
-    post_ffw_norm: RMSNorm = weight(shape=lambda p: (p.n_embd,))  # type: ignore[assignment]
+    post_attention_norm: RMSNorm = weight(shape=lambda p: (p.n_embd,))
+    post_ffw_norm: RMSNorm = weight(shape=lambda p: (p.n_embd,))
 
 
 @dataclass(kw_only=True)
 class Gemma3Block(GemmaBlock):
-    attn_q_norm: RMSNorm = weight(shape=lambda p: (p.head_dim_k,))  # type: ignore[assignment]
-    attn_k_norm: RMSNorm = weight(shape=lambda p: (p.head_dim_k,))  # type: ignore[assignment]
+    attn_q_norm: RMSNorm = weight(shape=lambda p: (p.head_dim_k,))
+    attn_k_norm: RMSNorm = weight(shape=lambda p: (p.head_dim_k,))
 
 
 def _common(b: Backend) -> dict[str, object]:

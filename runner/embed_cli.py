@@ -34,7 +34,12 @@ def run_embed(argv: Sequence[str]) -> int:
     for text in args.texts:
         done = threading.Event()
         result: list[list[float] | str] = []
-        engine.submit_embedding(text, lambda r: (result.append(r), done.set()))
+
+        def reply(r: list[float] | str) -> None:
+            result.append(r)
+            done.set()
+
+        engine.submit_embedding(text, reply)
         done.wait()
         if isinstance(result[0], str):
             print(f"error: {result[0]}", file=sys.stderr)

@@ -199,12 +199,12 @@ class Engine:
         slot = self.slots[choice.slot]
         n_past = choice.n_past
         if choice.fork_from is not None:
-            self.cache.remove(slot.id, 0, None)
-            self.cache.copy_prefix(choice.fork_from, slot.id, choice.n_fork)
+            self._kv().remove(slot.id, 0, None)
+            self._kv().copy_prefix(choice.fork_from, slot.id, choice.n_fork)
             slot.inputs = list(self.slots[choice.fork_from].inputs[:choice.n_fork])
-        if n_past and not self.cache.can_resume(slot.id, n_past):
+        if n_past and not self._kv().can_resume(slot.id, n_past):
             n_past = 0  # the sliding window that resuming needs is gone
-        self.cache.remove(slot.id, n_past, None)
+        self._kv().remove(slot.id, n_past, None)
         slot.inputs = slot.inputs[:n_past]
         slot.seq, slot.last_used = seq, time.monotonic()
         seq.slot, seq.n_past, seq.pending = slot.id, n_past, tokens[n_past:]
@@ -260,10 +260,14 @@ class Engine:
         """Context shift: drop inputs [keep, keep+discard) and slide the rest down (keys re-rotated)."""
         seq = slot.seq
         assert seq is not None
-        self.cache.remove(slot.id, keep, keep + discard)
+        self._kv().remove(slot.id, keep, keep + discard)
         slot.inputs = slot.inputs[:keep] + slot.inputs[keep + discard:]
         seq.n_past -= discard
         log.debug("context shift: slot=%d keep=%d discard=%d", slot.id, keep, discard)
+
+    def _kv(self) -> Any:
+        assert self.cache is not None, "generation on a model without a KV cache"
+        return self.cache
 
     def _sample(self, slot: _Slot, seq: Sequence, row: np.ndarray[Any, Any], now: float) -> None:
         assert seq.sampler is not None
@@ -287,7 +291,7 @@ class Engine:
             n_drop = len(seq.pieces) - decision.n_full - 1  # the newest token is not cached yet
             if n_drop > 0:
                 keep = len(slot.inputs) - n_drop
-                self.cache.remove(slot.id, keep, None)
+                self._kv().remove(slot.id, keep, None)
                 slot.inputs = slot.inputs[:keep]
             seq.pieces = []
             self._finish(slot, seq, DoneReason.STOP)

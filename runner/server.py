@@ -65,7 +65,11 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
         assert state.engine is not None
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        seq = state.engine.submit(req, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+
+        def sink(ev: Event) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        seq = state.engine.submit(req, sink)
         first = await queue.get()
         if first.error is not None:
             return _error(500, f"Failed to create new sequence: {first.error}")
@@ -101,7 +105,11 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
             return _error(501, "this model does not support embeddings")
         loop = asyncio.get_running_loop()
         done: asyncio.Future[list[float] | str] = loop.create_future()
-        engine.submit_embedding(req.content, lambda r: loop.call_soon_threadsafe(done.set_result, r))
+
+        def reply(r: list[float] | str) -> None:
+            loop.call_soon_threadsafe(done.set_result, r)
+
+        engine.submit_embedding(req.content, reply)
         result = await done
         if isinstance(result, str):
             return _error(500, f"failed to embed: {result}")
