@@ -78,6 +78,9 @@ def run_runner(argv: Sequence[str]) -> int:
             engine.start()
             state.engine, state.progress, state.status = engine, 1.0, ServerStatus.READY
             log.info("model loaded; serving on 127.0.0.1:%d", cfg.port)
+            print(f"ready: curl -sN 127.0.0.1:{cfg.port}/completion -d "
+                  "'{\"Prompt\":\"The capital of France is\",\"Options\":{\"num_predict\":20,\"temperature\":0}}'",
+                  file=sys.stderr, flush=True)
         except Exception as e:
             state.status, state.error = ServerStatus.ERROR, str(e)
             print(f"error loading model: {e}", file=sys.stderr, flush=True)
