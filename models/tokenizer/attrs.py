@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping, MutableSequence
+from types import MappingProxyType
 
 import numpy as np
 import numpy.typing as npt
@@ -48,7 +49,7 @@ SPECIAL_ATTRS = int(TokenAttr.CONTROL | TokenAttr.USER_DEFINED | TokenAttr.UNKNO
 HIDDEN_ATTRS = int(TokenAttr.CONTROL | TokenAttr.UNKNOWN)
 
 # plain ints, not enum members: attribute lists hold one entry per token and enum arithmetic is slow
-_TYPE_TO_ATTR: Mapping[int, int] = {
+_TYPE_TO_ATTR: Mapping[int, int] = MappingProxyType({
     int(TokenType.UNDEFINED): int(TokenAttr.UNDEFINED),
     int(TokenType.NORMAL): int(TokenAttr.NORMAL),
     int(TokenType.UNKNOWN): int(TokenAttr.UNKNOWN),
@@ -56,7 +57,7 @@ _TYPE_TO_ATTR: Mapping[int, int] = {
     int(TokenType.USER_DEFINED): int(TokenAttr.USER_DEFINED),
     int(TokenType.UNUSED): int(TokenAttr.UNUSED),
     int(TokenType.BYTE): int(TokenAttr.BYTE),
-}
+})
 
 # Texts llama.cpp promotes to CONTROL because they end a turn or generation (its EOT/EOM/EOG name lists).
 _END_MARKERS = frozenset({
@@ -67,7 +68,7 @@ _END_MARKERS = frozenset({
 })
 
 # Fill-in-the-middle markers, per metadata key: llama.cpp promotes one of them to CONTROL when the key is absent.
-_FIM_MARKERS: Mapping[str, tuple[str, ...]] = {
+_FIM_MARKERS: Mapping[str, tuple[str, ...]] = MappingProxyType({
     "tokenizer.ggml.fim_pre_token_id": (
         "<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<\uff5cfim\u2581begin\uff5c>", "<PRE>",
         "\u2581<PRE>", "<|code_prefix|>", "<|prefix|>"),
@@ -80,7 +81,7 @@ _FIM_MARKERS: Mapping[str, tuple[str, ...]] = {
     "tokenizer.ggml.fim_pad_token_id": ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"),
     "tokenizer.ggml.fim_rep_token_id": ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"),
     "tokenizer.ggml.fim_sep_token_id": ("<|file_sep|>",),
-}
+})
 
 # gpt-oss (harmony) markers that must always be cut out and rendered.
 _ALWAYS_USER_DEFINED = ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
+import regex
 
 from models.tokenizer.attrs import HIDDEN_ATTRS, TokenAttr
 from models.tokenizer.special import Fragment, SpecialSplitter
@@ -30,12 +31,16 @@ WORD_CACHE_SIZE = 1 << 16
 _RENDER_AS_TEXT = int(TokenAttr.CONTROL | TokenAttr.UNKNOWN | TokenAttr.USER_DEFINED)
 
 
+_SURROGATE = regex.compile(r"[\ud800-\udfff]")
+
+
 def _clean(text: str) -> str:
-    # lone surrogates cannot be UTF-8 encoded; llama.cpp would see U+FFFD for malformed input
+    # lone surrogates (e.g. from a JSON "\ud800" escape) cannot be UTF-8 encoded: one U+FFFD each, as Go's JSON
+    # decoder would have produced for Ollama
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
-        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return str(_SURROGATE.sub("\ufffd", text))
     return text
 
 
@@ -99,9 +104,13 @@ class Tokenizer(ABC):
         """The bytes a NORMAL token's text stands for."""
 
     def decode(self, ids: Iterable[int], special: bool = True) -> str:
-        """The text of `ids` (invalid UTF-8 replaced by U+FFFD). special=False drops control/unknown tokens."""
+        """The text of `ids` (invalid UTF-8 replaced by U+FFFD), as llama.cpp's detokenize renders it without
+        its optional clean-ups: when the vocabulary adds a space prefix, the first token loses one leading space.
+        special=False drops control/unknown tokens."""
         attrs = self._vocab.attrs
-        parts = [self.token_bytes(i) for i in ids if special or not attrs[self._check(i)] & HIDDEN_ATTRS]
+        parts = [self.token_bytes(i) if special or not attrs[self._check(i)] & HIDDEN_ATTRS else b"" for i in ids]
+        if parts and self._vocab.add_space_prefix and parts[0].startswith(b" "):
+            parts[0] = parts[0][1:]
         return b"".join(parts).decode("utf-8", errors="replace")
 
     def _check(self, token_id: int) -> int:

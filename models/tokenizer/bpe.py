@@ -57,8 +57,8 @@ class BpeTokenizer(Tokenizer):
                 continue
             if self._spec.escape_whitespace:
                 frag = frag.replace(" ", SPACE)
-            for w in self._pre.split(frag):
-                out.extend(word(w))
+            for ids in map(word, self._pre.split(frag)):
+                out.extend(ids)
         return self._with_bos_eos(out, add_special)
 
     def _rank(self, left: str, right: str) -> int | None:

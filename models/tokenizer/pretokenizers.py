@@ -87,14 +87,14 @@ _EXAONE_MOE = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?(?:\p{L}\p{M}*(?: \p{L}\p{M}
                r"| ?[^\s\p{L}\p{N}]+[\r\n/]?|\s*[\r\n]|\s+(?!\S)|\s+")
 _MINICPM5_MAIN = (_CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}+| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                   r"|\s+(?!\S)|\s+")
+# youtu's \p{Lu}/\p{Ll}-style classes mean "any letter or mark" in llama.cpp's category-collapsed matcher
 _YOUTU = (r"[가-힣ㄱ-ㆎ]+|[！…“”‘’—：；，、-〿︰-﹏]+|[ㄅ-ㄯ]+|[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
-          rf"[^\r\n\p{{L}}\p{{N}}]?[\p{{L}}\p{{M}}]*[\p{{L}}\p{{M}}]+{_CONTRACTIONS}?"  # see note in _spec_table
+          rf"[^\r\n\p{{L}}\p{{N}}]?[\p{{L}}\p{{M}}]*[\p{{L}}\p{{M}}]+{_CONTRACTIONS}?"
           rf"|[^\r\n\p{{L}}\p{{N}}]?[\p{{L}}\p{{M}}]+[\p{{L}}\p{{M}}]*{_CONTRACTIONS}?"
           r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def _spec_table() -> Mapping[str, PreTokenizerSpec]:
-    # youtu's \p{Lu}/\p{Ll} classes collapse to "any letter" in llama.cpp's matcher; written that way above
     groups: list[tuple[tuple[str, ...], PreTokenizerSpec]] = [
         (("default",), _DEFAULT),
         (("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
@@ -164,17 +164,20 @@ class PreTokenizer:
 
     def split(self, text: str) -> list[str]:
         """The words of `text`, covering it exactly."""
-        pieces = [text] if text else []
+        view = _WIDE_SPACE.sub("\v", text) if _WIDE_SPACE.search(text) else text  # same length as text
+        pieces = [view] if view else []
         for pattern in self._patterns:
+            split = pattern.split
             out: list[str] = []
+            extend = out.extend
             for piece in pieces:
-                if _WIDE_SPACE.search(piece) is None:
-                    out.extend(part for part in pattern.split(piece) if part)
-                    continue
-                pos = 0
-                for part in pattern.split(_WIDE_SPACE.sub("\v", piece)):
-                    if part:
-                        out.append(piece[pos:pos + len(part)])
-                        pos += len(part)
+                extend(filter(None, split(piece)))
             pieces = out
-        return pieces
+        if view is text:
+            return pieces
+        words = []
+        pos = 0
+        for piece in pieces:
+            words.append(text[pos:pos + len(piece)])
+            pos += len(piece)
+        return words

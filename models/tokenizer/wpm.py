@@ -66,6 +66,12 @@ class WpmTokenizer(Tokenizer):
         self._word = self._word_cache(self._encode_word)
 
     @property
+    def cls_id(self) -> int | None:
+        """`cls_token_id`, else the BOS id that is prepended in its place (101 by default)."""
+        ids = self._vocab.ids
+        return ids.cls if ids.cls is not None else ids.bos
+
+    @property
     def add_eos(self) -> bool:
         """False: BERT ends with SEP (see `sep_id`), appended whenever add_special is set."""
         return False
