@@ -17,9 +17,10 @@ class Cache(Protocol):
     def put(self, ctx: Context, il: int, k: Tensor, v: Tensor) -> None:
         """Store this batch's keys/values of layer `il`: k [head_dim_k, n_head_kv, n_tokens], v likewise."""
 
-    def get(self, ctx: Context, il: int) -> tuple[Tensor, Tensor, Tensor]:
+    def get(self, ctx: Context, il: int) -> tuple[Tensor, Tensor, Tensor | None]:
         """History of layer `il`: k [head_dim_k, n_kv, n_head_kv], v [head_dim_v, n_kv, n_head_kv] and the mask
-        [n_kv, n_rows] (0 visible, -inf hidden), or (k, v, None-equivalent) for caches without a mask."""
+        [n_kv, n_rows] (0 visible, -inf hidden), or None for caches whose every entry is visible to every token
+        (the encoder cache of cross-attention)."""
 
     # ---- used by the runner ----
     def init(self, backend: Backend, dtype: DType, max_sequences: int, capacity: int, max_batch: int) -> None:
@@ -37,6 +38,9 @@ class Cache(Protocol):
 
     def can_resume(self, seq: int, pos: int) -> bool:
         """Whether generation of seq can continue at pos with what is cached."""
+
+    def clear(self) -> None:
+        """Forget every sequence (the tensors stay allocated)."""
 
     def close(self) -> None:
         """Free the cache's tensors."""

@@ -19,7 +19,7 @@ class WrapperCache:
     def put(self, ctx: Context, il: int, k: Tensor, v: Tensor) -> None:
         self.caches[self.route(il)].put(ctx, il, k, v)
 
-    def get(self, ctx: Context, il: int) -> tuple[Tensor, Tensor, Tensor]:
+    def get(self, ctx: Context, il: int) -> tuple[Tensor, Tensor, Tensor | None]:
         return self.caches[self.route(il)].get(ctx, il)
 
     def init(self, backend: Backend, dtype: DType, max_sequences: int, capacity: int, max_batch: int) -> None:
@@ -31,6 +31,12 @@ class WrapperCache:
             c.start_forward(ctx, batch, reserve)
 
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
+        """Applied to every member; members that can tell in advance (`check_remove`) are asked first, so a
+        refused shift leaves all of them unchanged."""
+        for c in self.caches:
+            check = getattr(c, "check_remove", None)
+            if check is not None:
+                check(seq, begin, end)
         for c in self.caches:
             c.remove(seq, begin, end)
 
@@ -40,6 +46,10 @@ class WrapperCache:
 
     def can_resume(self, seq: int, pos: int) -> bool:
         return all(c.can_resume(seq, pos) for c in self.caches)
+
+    def clear(self) -> None:
+        for c in self.caches:
+            c.clear()
 
     def close(self) -> None:
         for c in self.caches:
