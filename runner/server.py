@@ -52,6 +52,20 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
             return _error(500, f"model failed to load: {state.error}")
         return None
 
+    async def first_event(request: Request, queue: asyncio.Queue[Event]) -> Event | None:
+        """The sequence's first event, or None if the client disconnects before it comes. (Once streaming, the
+        StreamingResponse notices a disconnect itself.)"""
+        getter = asyncio.ensure_future(queue.get())
+        try:
+            while True:
+                done, _ = await asyncio.wait({getter}, timeout=0.1)
+                if done:
+                    return getter.result()
+                if await request.is_disconnected():
+                    return None
+        finally:
+            getter.cancel()  # a no-op when it finished
+
     async def completion(request: Request) -> Response:
         body = await request.body()
         try:
@@ -70,7 +84,10 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
         seq = state.engine.submit(req, sink)
-        first = await queue.get()
+        first = await first_event(request, queue)
+        if first is None:  # the client went away while waiting for a slot or for its prompt: free them
+            seq.cancel()
+            return Response(status_code=200)  # nobody reads it (the Go runner also answers an empty 200)
         if first.error is not None:
             return _error(500, f"Failed to create new sequence: {first.error}")
 

@@ -1,0 +1,136 @@
+"""Helpers for the HTTP tests (no tests here): start the real runner as a subprocess, the way `ollama serve` does
+(`python -m runner.cli runner --model … --port P`), poll /health like llm/server.go, read NDJSON streams."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable  # the venv's interpreter when run as `.venv/bin/python -m pytest`
+HEALTH_DEADLINE_S = 0.2  # llm/server.go WaitUntilRunning: each /health poll has a 200 ms timeout
+
+
+def free_port() -> int:
+    """A port the kernel just handed out (the Go server does the same, equally racy)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class HealthPoll:
+    t: float  # seconds since the process was started
+    latency: float  # seconds the request took
+    body: dict[str, Any]
+
+
+@dataclass
+class RunnerProcess:
+    """A runner subprocess on 127.0.0.1:port; stderr goes to a file (a pipe nobody reads could fill up)."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    stderr_path: Path
+    t_start: float
+    load_polls: list[HealthPoll] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, model: Path | str, args: Sequence[str], log_dir: Path, env: Mapping[str, str] | None = None,
+              name: str = "runner") -> RunnerProcess:
+        port = free_port()
+        stderr_path = log_dir / f"{name}-{port}.stderr"
+        full_env = dict(os.environ)
+        full_env.pop("OLLAMA_RUNNER_DIALECT", None)  # the dialect comes only from what the test asks for
+        full_env.update(env or {})
+        cmd = [PYTHON, "-m", "runner.cli", "runner", "--ollama-engine", "--model", str(model), *args,
+               "--port", str(port)]
+        with open(stderr_path, "wb") as err:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
+        return cls(proc, port, stderr_path, time.monotonic())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def client(self, timeout: float = 120.0) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=timeout)
+
+    def wait_ready(self, timeout: float = 120.0) -> list[HealthPoll]:
+        """Poll /health as fast as possible from process start until status is ready (0 or "ok"); every answer is
+        recorded in `load_polls` with its latency. Fails if the process dies or never gets ready."""
+        deadline = time.monotonic() + timeout
+        with httpx.Client(base_url=self.url, timeout=5.0) as c:
+            while True:
+                if self.proc.poll() is not None:
+                    raise AssertionError(f"runner exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"runner not ready after {timeout}s:\n{self.stderr()[-3000:]}")
+                t0 = time.monotonic()
+                try:
+                    r = c.get("/health")
+                except httpx.TransportError:  # not listening yet
+                    time.sleep(0.005)
+                    continue
+                latency = time.monotonic() - t0
+                body = r.json()
+                self.load_polls.append(HealthPoll(t0 - self.t_start, latency, body))
+                if body.get("status") in (0, "ok"):
+                    return self.load_polls
+                time.sleep(0.002)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # Ollama unloads a runner with SIGKILL
+        self.proc.wait(timeout=30)
+
+
+@dataclass
+class Stream:
+    """A whole /completion answer: status, raw lines, parsed lines."""
+
+    status: int
+    headers: httpx.Headers
+    lines: list[str]
+    objects: list[dict[str, Any]]
+    body: bytes = b""
+
+    @property
+    def text(self) -> str:
+        return "".join(o.get("content", "") for o in self.objects)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.objects[-1]
+
+
+def complete(client: httpx.Client, body: Mapping[str, Any] | bytes) -> Stream:
+    """POST /completion and read the NDJSON stream to its end."""
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    with client.stream("POST", "/completion", content=content, headers=headers) as r:
+        data = r.read()
+    if r.status_code != 200:
+        return Stream(r.status_code, r.headers, [], [], data)
+    lines = data.decode("utf-8").split("\n")
+    assert lines[-1] == "", f"stream does not end with a newline: {data[-200:]!r}"
+    lines = lines[:-1]
+    return Stream(200, r.headers, lines, [json.loads(ln) for ln in lines], data)
+
+
+def p3_request(prompt: str, **options: Any) -> dict[str, Any]:
+    """A P2/P3 body as llm/server.go sends it (Go field names, `Options` with omitempty semantics)."""
+    return {"Prompt": prompt, "Format": None, "Images": None, "Options": options, "Grammar": ""}
+
