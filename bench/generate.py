@@ -52,13 +52,14 @@ def prompt_tokens(n_vocab: int, n: int, seed: int) -> list[int]:
 
 
 class Bench:
-    def __init__(self, path: Path, threads: int) -> None:
+    def __init__(self, path: Path, threads: int, unfused: bool = False) -> None:
+        self.fused = not unfused  # the runner uses ggml's fused attention kernel by default
         self.backend = load_backend(path, RuntimeOptions(threads=threads))
         self.model = load_model(self.backend)
         self.n_vocab = int(self.model.params.n_vocab)
 
     def new_cache(self) -> Any:
-        cache = self.model.new_cache()
+        cache = self.model.new_cache(flash=self.fused)
         cache.init(self.backend, DType.F16, max(SEQS), N_CTX_SEQ * max(SEQS), N_BATCH)
         return cache
 
@@ -209,11 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="GGUF file (default: SmolLM2-135M Q4_1)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs per measure; the best is reported")
+    ap.add_argument("--unfused", action="store_true", help="unfused softmax attention instead of flash_attn_ext")
     args = ap.parse_args(argv)
     if not args.model.exists():
         print(f"model not found: {args.model} (run `make models`)", file=sys.stderr)
         return 2
-    bench = Bench(args.model, args.threads)
+    bench = Bench(args.model, args.threads, args.unfused)
     try:
         ours = bench.run(args.repeats)
         n_vocab = bench.n_vocab
