@@ -127,7 +127,7 @@ class Runtime:
         if n_gpu <= 0 or il < first_offloaded:
             return -1
         split = list(self.options.tensor_split[:len(self.gpus)]) or [1.0]
-        split += [0.0] * (len(self.gpus) - len(split)) if len(split) < len(self.gpus) else []
+        split += [0.0] * (len(self.gpus) - len(split))
         total = sum(split) or 1.0
         frac = (il - first_offloaded) / max(1, n_gpu)
         acc = 0.0

@@ -108,12 +108,10 @@ class Bert(Module):
 
 def pool(ctx: Context, x: Tensor, seqs: np.ndarray, order: np.ndarray, how: Pooling) -> Tensor:
     """x [n_embd, n_tokens] -> [n_embd, n_seqs]: mean over each sequence's tokens, its first, or its last."""
-    n = seqs.size
     if how == Pooling.MEAN:
         member = (seqs[None, :] == order[:, None]).astype(np.float32)  # [n_seqs, n_tokens]
         weights = member / member.sum(axis=1, keepdims=True)
         xt = x.transpose(ctx).contiguous(ctx)  # [n_tokens, n_embd]
         return xt.matmul(ctx, ctx.from_numpy(weights))  # weights is ggml [n_tokens, n_seqs]
     idx = np.array([np.flatnonzero(seqs == s)[0 if how == Pooling.CLS else -1] for s in order], dtype=np.int32)
-    assert idx.size and n
     return x.get_rows(ctx, ctx.from_numpy(idx))

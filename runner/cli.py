@@ -73,8 +73,7 @@ def run_runner(argv: Sequence[str]) -> int:
                             cfg.flash_attn)
             engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=cfg.ctx_size,
                             n_batch=cfg.batch_size, parallel=cfg.parallel, multiuser=cfg.multiuser_cache,
-                            flash=cfg.flash_attn, kv_type=_kv_type(cfg.kv_cache_type) if cfg.flash_attn else
-                            _kv_type(""))
+                            flash=cfg.flash_attn, kv_type=_kv_type(cfg.kv_cache_type if cfg.flash_attn else ""))
             engine.start()
             state.engine, state.progress, state.status = engine, 1.0, ServerStatus.READY
             log.info("model loaded; serving on 127.0.0.1:%d", cfg.port)
