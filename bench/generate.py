@@ -52,9 +52,10 @@ def prompt_tokens(n_vocab: int, n: int, seed: int) -> list[int]:
 
 
 class Bench:
-    def __init__(self, path: Path, threads: int, unfused: bool = False) -> None:
+    def __init__(self, path: Path, threads: int, unfused: bool = False, fast_kernels: bool = False) -> None:
         self.fused = not unfused  # the runner uses ggml's fused attention kernel by default
-        self.backend = load_backend(path, RuntimeOptions(threads=threads))
+        opts = RuntimeOptions(threads=threads, fast_kernels=fast_kernels)
+        self.backend = load_backend(path, opts)
         self.model = load_model(self.backend)
         self.n_vocab = int(self.model.params.n_vocab)
 
@@ -211,11 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs per measure; the best is reported")
     ap.add_argument("--unfused", action="store_true", help="unfused softmax attention instead of flash_attn_ext")
+    ap.add_argument("--fast-kernels", action="store_true",
+                    help="ggml's batch-shape-dependent kernels (tiled/split attention, repacked weights)")
     args = ap.parse_args(argv)
     if not args.model.exists():
         print(f"model not found: {args.model} (run `make models`)", file=sys.stderr)
         return 2
-    bench = Bench(args.model, args.threads, args.unfused)
+    bench = Bench(args.model, args.threads, args.unfused, args.fast_kernels)
     try:
         ours = bench.run(args.repeats)
         n_vocab = bench.n_vocab

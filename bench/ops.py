@@ -20,6 +20,8 @@ from pathlib import Path
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--fast-kernels", action="store_true",
+                   help="ggml's batch-shape-dependent kernels, with the CPU_REPACK weight layout")
     p.add_argument("--threads", type=int, default=2, help="ggml threads and numpy BLAS threads (default 2)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per figure; the best is reported")
     p.add_argument("--no-large", action="store_true", help="skip the 4096^3 GEMM")
@@ -158,7 +160,7 @@ def graph_build_rows(rt: Runtime, n_ops: int, repeat: int) -> list[tuple[str, fl
 
 
 def main(args: argparse.Namespace) -> int:
-    rt = Runtime(RuntimeOptions(threads=args.threads))
+    rt = Runtime(RuntimeOptions(threads=args.threads, fast_kernels=args.fast_kernels))
     started = time.perf_counter()
     rows: list[Row] = []
     try:

@@ -229,6 +229,7 @@ void ggml_threadpool_free(struct ggml_threadpool * threadpool);
 ggml_backend_t ggml_backend_cpu_init(void);
 void ggml_backend_cpu_set_n_threads(ggml_backend_t backend_cpu, int n_threads);
 void ggml_backend_cpu_set_threadpool(ggml_backend_t backend_cpu, ggml_threadpool_t threadpool);
+void ggml_backend_cpu_set_use_ref(ggml_backend_t backend_cpu, bool use_ref);
 ggml_backend_buffer_t ggml_backend_cpu_buffer_from_ptr(void * ptr, size_t size);
 int ggml_cpu_has_avx2(void);
 int ggml_cpu_has_avx512(void);

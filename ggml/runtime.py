@@ -26,7 +26,14 @@ class RuntimeOptions:
     main_gpu: int = 0
     tensor_split: tuple[float, ...] = ()
     flash_attention: bool = False
+    fast_kernels: bool = False
+    """ggml's fastest CPU kernels, whose results depend on the batch's shape: tiled and KV-split attention, tiled
+    K-quant matmuls, fused ops, repacked weights (GEMM for many rows, GEMV for few). Off (the default), the CPU runs
+    the one per-row kernel of each op, so a token's logits are bit-identical whatever else shares its batch:
+    --parallel and the batch size never change a greedy or seeded text. Costs ~20-28% of prefill speed on
+    512-token prompts, nothing measurable on decode (bench/generate.py --fast-kernels)."""
     use_repack: bool = True
+    """With fast_kernels: keep Q4_0/Q4_K/IQ4_NL matmul weights in ggml's repacked CPU layout."""
 
 
 @dataclass
@@ -59,9 +66,10 @@ class Runtime:
                                  "ggml_threadpool_new", f"n_threads={opts.threads}")
         lib.ggml_backend_cpu_set_threadpool(self.cpu_backend, self._threadpool)
         lib.ggml_backend_cpu_set_n_threads(self.cpu_backend, max(1, opts.threads))
+        lib.ggml_backend_cpu_set_use_ref(self.cpu_backend, not opts.fast_kernels)
         self.cpu_buft = lib.ggml_backend_get_default_buffer_type(self.cpu_backend)
         # ggml's repack set_tensor dereferences the layout it picked, which exists for these types only with AVX2.
-        use_repack = opts.use_repack and bool(lib.ggml_cpu_has_avx2())
+        use_repack = opts.fast_kernels and opts.use_repack and bool(lib.ggml_cpu_has_avx2())
         self.repack_buft = self._find_repack_buft() if use_repack else None
         self.gpus = self._init_gpus()
         self._log_ignored()

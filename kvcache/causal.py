@@ -13,14 +13,18 @@ graph); each builds and computes its own graph, which produces no output tensor 
   per layer and tensor: a gather materialises the rows before any write, so overlapping moves are safe; for
   Q8_0/Q4_0 the dequantize-requantize round trip reproduces the blocks bit for bit).
 
-Defragmentation policy
-----------------------
-Scattered writes never *need* a defrag: any free cell will do. But attention runs over
-`[0, round_up(extent, kv_pad))`, so empty cells below the last used one ("holes") cost attention work on every
-step. `start_forward` places the batch in the lowest free cells first; if `holes - n_tokens >= defrag_holes`
-cells would still be empty below the extent afterwards, it compacts first. With the default
-`defrag_holes = kv_pad` that guarantees the attended range shrinks by at least one `kv_pad` block for every
-later step, for the price of one row copy per moved cell and layer.
+Placement and defragmentation policy
+------------------------------------
+A token goes to the lowest free cell above every cell its sequence holds (`CellTable.ordered_free_cells`), so
+each sequence's cells stay in position order. Attention visits cells in index order, so its sums then run in
+the same order whatever the other sequences hold: a sequence's logits are the same alone or batched (with the
+runtime's batch-invariant kernels, the default). When a sequence finds no free cell above its last one, the
+cache compacts (order-preserving) and every free cell is above every used one.
+Holes below the last used cell also cost attention work on every step (attention runs over
+`[0, round_up(extent, kv_pad))`): if `defrag_holes` cells or more would be empty below the extent after placing
+the batch, `start_forward` compacts first. With the default `defrag_holes = kv_pad` that
+guarantees the attended range shrinks by at least one `kv_pad` block for every later step, for the price of one
+row copy per moved cell and layer.
 """
 from __future__ import annotations
 
@@ -129,10 +133,13 @@ class CausalCache:
                 raise ValueError("empty batch")
             if self.window is not None:
                 cells = self._evict(batch, n)
-            free = cells.free_cells(n)  # CacheFullError before anything else moves
-            if cells.extent - cells.n_used - n >= self.defrag_holes:
+            free = cells.ordered_free_cells(batch.positions, batch.seqs)  # CacheFullError before anything moves
+            if free is None or max(cells.extent, int(free.max()) + 1) - cells.n_used - n >= self.defrag_holes:
+                # a sequence reached the top, or too many holes would stay below the extent: compaction puts
+                # every free cell above every used one
                 self.defrag()
-                free = cells.free_cells(n)
+                free = cells.ordered_free_cells(batch.positions, batch.seqs)
+                assert free is not None
             idx = cells.store(free, batch.positions, batch.seqs).astype(np.int64)
             self._range = cells.kv_range(self.kv_pad)
             mask = cells.mask(batch.positions, batch.seqs, kv_range=self._range, window=self.window,

@@ -20,6 +20,10 @@ Public API (:class:`CellTable`)
 -------------------------------
 Allocation:
   ``free_cells(n) -> int32[n]``         lowest free cells, any layout.
+  ``ordered_free_cells(positions, seqs) -> int32[n] | None``  lowest free
+                                        cells that keep every sequence's
+                                        cells in position order, or None
+                                        when only a defrag makes room.
   ``find_slot(n) -> int | None``        start of a contiguous free run, or
                                         None when only a defrag makes one.
   ``defrag_plan() -> DefragPlan``       compaction of used cells to the front.
@@ -48,7 +52,9 @@ How the tensor layer should use it (one forward batch)
 ------------------------------------------------------
 1. Sliding-window caches first call ``evict_outside_window(positions,
    seqs, window)`` so cells no token can see any more become free.
-2. Pick write cells.  Recommended: ``cells = table.free_cells(n)`` and
+2. Pick write cells.  Recommended: ``cells = table.ordered_free_cells(
+   positions, seqs)`` (after a defrag when it returns None), or
+   ``table.free_cells(n)`` when cell order does not matter, and
    write K/V with ``ggml_set_rows(K, k_cur, cells_tensor)``.  The write
    locations are then an input tensor (int32/int64[n]), so the graph's
    shape does not depend on where the free cells are and no
@@ -188,6 +194,44 @@ class CellTable:
         if free.size < n:
             raise CacheFullError(f"need {n} cells, only {free.size} of {self._capacity} free")
         return free[:n].astype(np.int32)
+
+    def ordered_free_cells(self, positions: ArrayLike, seqs: ArrayLike) -> NDArray[np.int32] | None:
+        """int32[n] cells for a batch such that each sequence's cells stay in position order: every token gets a
+        free cell above all cells its sequence already holds, in the order of its position among the batch's
+        tokens of that sequence (lowest such cells first).
+
+        Why: attention kernels visit cells in index order, and the order of a floating-point reduction changes
+        its last bits; with cells in position order a sequence's attention sums run the same way whatever other
+        sequences hold the cells in between, so its results do not depend on them.
+
+        Returns None when some sequence has too few free cells above its last one; after a compaction
+        (:meth:`defrag_plan`, which keeps the cell order) every free cell lies above every used one, and this
+        succeeds whenever ``n`` cells are free.
+
+        Raises:
+            CacheFullError: fewer than ``n`` cells are free at all.
+        """
+        pos = np.asarray(positions, dtype=np.int32)
+        seq = np.asarray(seqs, dtype=np.intp)
+        if pos.ndim != 1 or seq.shape != pos.shape:
+            raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
+        self._check_seqs(seq)
+        free = self._pos < 0
+        n_free = int(np.count_nonzero(free))
+        if n_free < pos.size:
+            raise CacheFullError(f"need {pos.size} cells, only {n_free} of {self._capacity} free")
+        out = np.empty(pos.size, dtype=np.int32)
+        for s in np.unique(seq):  # the sequences of one batch: a handful
+            rows = np.flatnonzero(seq == s)
+            rows = rows[np.argsort(pos[rows], kind="stable")]
+            held = np.flatnonzero(self._member[s])
+            floor = int(held[-1]) + 1 if held.size else 0
+            cand = np.flatnonzero(free[floor:])[:rows.size] + floor
+            if cand.size < rows.size:
+                return None
+            out[rows] = cand
+            free[cand] = False
+        return out
 
     def find_slot(self, n: int) -> int | None:
         """Start of the first run of ``n`` contiguous free cells.

@@ -23,12 +23,12 @@ class Loaded:
     """A model ready to run: backend, model, tokenizer."""
 
     def __init__(self, path: str, threads: int, progress: Any = None, n_gpu_layers: int = 0, main_gpu: int = 0,
-                 tensor_split: tuple[float, ...] = (), flash: bool = False) -> None:
+                 tensor_split: tuple[float, ...] = (), flash: bool = False, fast_kernels: bool = False) -> None:
         from ggml import RuntimeOptions, load_backend
         from models import load_model
         from models.tokenizer import tokenizer_from_metadata
         opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, main_gpu=main_gpu,
-                              tensor_split=tensor_split, flash_attention=flash)
+                              tensor_split=tensor_split, flash_attention=flash, fast_kernels=fast_kernels)
         self.backend = load_backend(path, opts, progress)
         try:
             self.model = load_model(self.backend)
@@ -70,7 +70,7 @@ def run_runner(argv: Sequence[str]) -> int:
             def progress(p: float) -> None:
                 state.progress = p
             loaded = Loaded(cfg.model, cfg.threads, progress, cfg.n_gpu_layers, cfg.main_gpu, cfg.tensor_split,
-                            cfg.flash_attn)
+                            cfg.flash_attn, cfg.fast_kernels)
             engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=cfg.ctx_size,
                             n_batch=cfg.batch_size, parallel=cfg.parallel, multiuser=cfg.multiuser_cache,
                             flash=cfg.flash_attn, kv_type=_kv_type(cfg.kv_cache_type if cfg.flash_attn else ""))
@@ -107,6 +107,8 @@ def run_generate(argv: Sequence[str]) -> int:
     p.add_argument("--seed", type=int, default=-1)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--ctx-size", type=int, default=2048)
+    p.add_argument("--fast-kernels", action="store_true",
+                   help="ggml's batch-shape-dependent CPU kernels: faster prefill, results depend on batching")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
@@ -121,7 +123,7 @@ def run_generate(argv: Sequence[str]) -> int:
         print(f"\rloading [{'#' * n}{'.' * (30 - n)}] {frac * 100:5.1f}%", end="", file=sys.stderr, flush=True)
 
     try:
-        loaded = Loaded(args.model, args.threads, bar)
+        loaded = Loaded(args.model, args.threads, bar, fast_kernels=args.fast_kernels)
     except Exception as e:
         print(f"\nerror loading model: {e}", file=sys.stderr)
         return 1

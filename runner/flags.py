@@ -3,6 +3,8 @@
 `-x` and `--x` are the same flag, `--x v` and `--x=v` both set a value, booleans are bare or `--x=true|false`.
 Unlike Go we do not exit on an unknown flag: it is returned for the caller to log (an unknown flag followed by a
 non-flag value takes that value along). The dialect comes from `--dialect`, else OLLAMA_RUNNER_DIALECT, else p3.
+OLLAMA_PYRUNNER_FAST_KERNELS=1 trades batch invariance for prefill speed (see ggml.runtime.RuntimeOptions); the Go
+server passes its environment to the runner, so it can be set where `ollama serve` starts.
 The environment is passed in; nothing here reads globals.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Final
 from runner.protocol import Dialect
 
 DIALECT_ENV: Final = "OLLAMA_RUNNER_DIALECT"
+FAST_KERNELS_ENV: Final = "OLLAMA_PYRUNNER_FAST_KERNELS"
 
 _BOOL_FLAGS: Final = frozenset({"ollama-engine", "flash-attn", "multiuser-cache", "verbose", "no-mmap", "mlock"})
 _INT_FLAGS: Final = frozenset({"ctx-size", "batch-size", "n-gpu-layers", "main-gpu", "threads", "parallel", "port"})
@@ -51,6 +54,7 @@ class RunnerConfig:
     port: int = 8080
     dialect: Dialect = Dialect.P3
     ollama_engine: bool = False
+    fast_kernels: bool = False
 
     @property
     def n_ctx_per_seq(self) -> int:
@@ -147,7 +151,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str],
 
     Args:
         argv: the arguments, e.g. ["runner", "--ollama-engine", "--model", path, "--port", "41233"].
-        env: the environment, read for OLLAMA_RUNNER_DIALECT only.
+        env: the environment, read for OLLAMA_RUNNER_DIALECT and OLLAMA_PYRUNNER_FAST_KERNELS only.
         cpu_count: default for --threads (os.cpu_count() when None).
 
     Returns:
@@ -166,6 +170,10 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str],
     except ValueError as exc:
         source = "--dialect" if "dialect" in values else DIALECT_ENV
         raise ValueError(f"{source}: {exc}") from None
+    fast_text = env.get(FAST_KERNELS_ENV, "").strip() or "false"
+    if fast_text not in _TRUE | _FALSE:
+        raise ValueError(f"{FAST_KERNELS_ENV}: invalid boolean value {fast_text!r}")
+    fast_kernels = fast_text in _TRUE
     config = RunnerConfig(
         model=values.get("model", ""), ctx_size=ints.get("ctx-size", 2048), batch_size=ints.get("batch-size", 512),
         n_gpu_layers=ints.get("n-gpu-layers", 0), main_gpu=ints.get("main-gpu", 0),
@@ -175,7 +183,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str],
         multiuser_cache=bools.get("multiuser-cache", False), verbose=bools.get("verbose", False),
         no_mmap=bools.get("no-mmap", False), mlock=bools.get("mlock", False), lora=tuple(loras),
         mmproj=values.get("mmproj", ""), port=ints.get("port", 8080), dialect=dialect,
-        ollama_engine=bools.get("ollama-engine", False))
+        ollama_engine=bools.get("ollama-engine", False), fast_kernels=fast_kernels)
     _validate(config)
     return config, tuple(unknown)
 

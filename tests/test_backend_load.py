@@ -372,7 +372,7 @@ def test_q4_weights_go_to_repack_buffer(tmp_path: Path) -> None:
     }
     path = tmp_path / "repack.gguf"
     write_tiny(path, tensors)
-    with load_backend(path, RuntimeOptions(threads=1)) as b:
+    with load_backend(path, RuntimeOptions(threads=1, fast_kernels=True)) as b:
         if b.runtime.repack_buft is None:
             pytest.skip("no CPU_REPACK buffer type (needs AVX2)")
         assert _buft_name(b.get("blk.0.attn_q.weight")) == "CPU_REPACK"
@@ -405,7 +405,7 @@ def test_use_repack_false_keeps_weights_readable(tmp_path: Path) -> None:
     raw = _q_bytes(w, GGMLQuantizationType.Q4_0)
     path = tmp_path / "norepack.gguf"
     write_tiny(path, {"blk.0.attn_q.weight": (raw, GGMLQuantizationType.Q4_0)})
-    with load_backend(path, RuntimeOptions(threads=1, use_repack=False)) as b:
+    with load_backend(path, RuntimeOptions(threads=1, fast_kernels=True, use_repack=False)) as b:
         t = b.get("blk.0.attn_q.weight")
         assert _buft_name(t) == "CPU"
         assert np.array_equal(t.numpy(), raw)

@@ -159,14 +159,46 @@ def test_defrag_runs_when_holes_exceed_threshold(backend: Any) -> None:
     h.step(list(range(8)), [1] * 8)
     h.cache.remove(0, 0, None)  # 8 holes below the extent
     h.ref_remove(0, 0, None)
-    view = h.step([8], [1])  # the token fills one hole: 7 remain < 8, no defrag
+    view = h.step([0], [0])  # seq 0 holds nothing, so its token fills the lowest hole: 7 remain < 8, no defrag
     assert h.cache.n_defrags == 0 and view.kv_range == (0, 16)
+    assert h.cache.cells.seq_cells(0).tolist() == [0]
     h.check(view)
     h.cache.remove(1, 0, 2)  # two more holes (and a shift): 9 below the extent
     h.ref_remove(1, 0, 2)
-    view = h.step([7], [1])  # 9 - 1 = 8 holes would remain: compact first
+    view = h.step([6], [1])  # seq 1's token goes above its cells, 9 holes would remain: compact first
     assert h.cache.n_defrags == 1
     assert view.kv_range == (0, 8) and h.cache.cells.extent == 8
+    h.check(view, key_atol=3e-3)
+
+
+def test_each_sequence_keeps_its_cells_in_position_order(backend: Any) -> None:
+    """A token goes above every cell of its own sequence, even when lower cells are free (holes left by another
+    sequence), so attention visits a sequence's cells in position order; when no cell is free above, the cache
+    compacts (order kept) instead of wrapping around."""
+    h = make(backend, capacity=16, defrag_holes=10 ** 6)
+    h.step(list(range(4)), [0] * 4)             # seq 0: cells 0-3
+    h.step(list(range(4)), [1] * 4)             # seq 1: cells 4-7
+    h.cache.remove(0, 0, None)                  # holes 0-3
+    h.ref_remove(0, 0, None)
+    view = h.step([4, 5], [1, 1])               # seq 1 goes on above its cells, not into the holes
+    assert h.cache.cells.seq_cells(1).tolist() == [4, 5, 6, 7, 8, 9]
+    h.check(view)
+    view = h.step([0, 0, 1], [2, 0, 0])         # sequences without cells take the lowest free ones
+    assert h.cache.cells.seq_cells(0).tolist() == [0, 1] and h.cache.cells.seq_cells(2).tolist() == [2]
+    h.check(view)
+    view = h.step(list(range(6, 12)), [1] * 6)  # 10..15 free above seq 1: fits exactly, no compaction
+    assert h.cache.n_defrags == 0 and h.cache.cells.seq_cells(1).tolist() == list(range(4, 16))
+    view = h.step([1], [2])                     # seq 2 holds cell 2, and 3 is free above it
+    assert h.cache.cells.seq_cells(2).tolist() == [2, 3]
+    h.check(view)
+    h.cache.remove(1, 0, 6)                     # frees 6 cells (4-9) and shifts the rest down
+    h.ref_remove(1, 0, 6)
+    view = h.step([6], [1])                     # nothing free above cell 15: compact, then place on top
+    assert h.cache.n_defrags == 1
+    for s in (0, 1, 2):
+        cells = h.cache.cells.seq_cells(s)
+        assert np.all(np.diff(h.cache.cells.positions[cells]) > 0), (s, cells)
+    assert h.cache.cells.seq_cells(1).tolist() == list(range(4, 11))
     h.check(view, key_atol=3e-3)
 
 

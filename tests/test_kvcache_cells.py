@@ -336,6 +336,26 @@ def test_find_slot_fragmented_then_defrag() -> None:
         t.find_slot(5)
 
 
+def test_ordered_free_cells_keep_each_sequence_in_position_order() -> None:
+    t = CellTable(8, 3)
+    t.store(np.array([2, 5]), [0, 1], [0, 0])    # seq 0 holds cells 2 and 5
+    t.store(np.array([0]), [0], [1])             # seq 1 holds cell 0
+    before = snapshot(t)
+    # seq 0 only gets cells above 5; its tokens come out of order in the batch and get cells in position order;
+    # seq 1 takes the lowest free cells above 0 that seq 0 left; seq 2 (nothing held) the lowest free overall
+    cells = t.ordered_free_cells([3, 2, 1, 0], [0, 0, 1, 2])
+    assert cells is not None and cells.tolist() == [7, 6, 1, 3]
+    assert snapshot(t) == before                 # a query: nothing stored
+    assert t.ordered_free_cells([2, 3, 4], [0, 0, 0]) is None  # only 6 and 7 lie above seq 0's cell 5
+    with pytest.raises(CacheFullError):
+        t.ordered_free_cells(list(range(6)), [2] * 6)   # 5 cells free at all
+    t.apply_moves(t.defrag_plan())               # order kept: seq 1 at 0, seq 0 at 1-2, free 3-7
+    cells = t.ordered_free_cells([2, 3, 4], [0, 0, 0])
+    assert cells is not None and cells.tolist() == [3, 4, 5]
+    with pytest.raises(ValueError):
+        t.ordered_free_cells([0, 1], [0, 3])     # no sequence 3
+
+
 def test_stale_defrag_plan_is_refused() -> None:
     t = CellTable(4, 1)
     t.store(np.array([1]), [0], [0])
