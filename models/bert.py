@@ -2,7 +2,6 @@
 attention within each sequence, and pooling per `pooling_type` (mirrors llama.cpp src/models/bert.cpp)."""
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 
@@ -12,16 +11,8 @@ from ml.backend import Backend, Context, Tensor
 from ml.batch import Batch
 from ml.module import Module, hyper, weight
 from ml.nn import LayerNorm, Linear, attention
+from models.pooling import Pooling, pool
 from models.registry import register
-
-
-class Pooling(enum.IntEnum):
-    """GGUF `<arch>.pooling_type` values (llama.cpp's enum)."""
-
-    NONE = 0
-    MEAN = 1
-    CLS = 2
-    LAST = 3
 
 
 @dataclass(frozen=True)
@@ -80,7 +71,7 @@ class Bert(Module):
         return BertParams(
             n_embd=b.uint("embedding_length"), n_head=b.uint("attention.head_count"), n_layer=b.uint("block_count"),
             n_ff=b.uint("feed_forward_length"), n_vocab=n_vocab, n_ctx_train=b.uint("context_length"),
-            eps=b.float("attention.layer_norm_epsilon"), pooling=Pooling(b.uint("pooling_type", 0)),
+            eps=b.float("attention.layer_norm_epsilon"), pooling=Pooling.read(b),
             n_token_types=b.uint("tokenizer.ggml.token_type_count", 2))
 
     @property
@@ -92,8 +83,6 @@ class Bert(Module):
         token attends to every token of its own sequence."""
         p = self.params
         n = batch.n_tokens
-        seqs, first = np.unique(batch.seqs, return_index=True)
-        order = seqs[np.argsort(first)]
         same = batch.seqs[None, :] == batch.seqs[:, None]  # [query, key]
         mask = ctx.from_numpy(np.where(same, 0.0, -np.inf).astype(np.float32))
         ids = ctx.from_numpy(batch.tokens)
@@ -103,15 +92,5 @@ class Bert(Module):
         x = self.token_embd_norm.forward(ctx, x, p.eps)  # [n_embd, n]
         for block in self.blk:
             x = block.forward(ctx, x, mask, p, n)
-        return pool(ctx, x, batch.seqs, order, p.pooling)
+        return pool(ctx, x, batch.seqs, p.pooling)
 
-
-def pool(ctx: Context, x: Tensor, seqs: np.ndarray, order: np.ndarray, how: Pooling) -> Tensor:
-    """x [n_embd, n_tokens] -> [n_embd, n_seqs]: mean over each sequence's tokens, its first, or its last."""
-    if how == Pooling.MEAN:
-        member = (seqs[None, :] == order[:, None]).astype(np.float32)  # [n_seqs, n_tokens]
-        weights = member / member.sum(axis=1, keepdims=True)
-        xt = x.transpose(ctx).contiguous(ctx)  # [n_tokens, n_embd]
-        return xt.matmul(ctx, ctx.from_numpy(weights))  # weights is ggml [n_tokens, n_seqs]
-    idx = np.array([np.flatnonzero(seqs == s)[0 if how == Pooling.CLS else -1] for s in order], dtype=np.int32)
-    return x.get_rows(ctx, ctx.from_numpy(idx))

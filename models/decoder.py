@@ -2,7 +2,9 @@
 (DecoderParams) and in which optional tensors they require (Block subclasses), never in copied code.
 
 Mirrors llama.cpp src/models/{llama,qwen2,gemma2,gemma3}.cpp: pre-norm attention with RoPE, gated FFN, optional
-q/k norms and post-norms, soft-capping, sliding-window layers with their own RoPE base.
+q/k norms and post-norms, soft-capping, sliding-window layers with their own RoPE base. A GGUF with
+`<arch>.pooling_type` (an embedding model built on a decoder) also embeds: the final-normed hidden states of one
+in-batch causal forward, pooled, as llama.cpp computes embeddings.
 """
 from __future__ import annotations
 
@@ -13,12 +15,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from kvcache.base import Cache
+from kvcache.batch import BatchCache
 from kvcache.causal import CausalCache
 from kvcache.wrapper import WrapperCache
 from ml.backend import Backend, Context, Tensor
 from ml.batch import Batch
 from ml.module import Module, hyper, weight
 from ml.nn import Embedding, Linear, RMSNorm, attention
+from models.pooling import Pooling, pool
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class DecoderParams:
     embed_scale: float = 1.0
     gelu: bool = False
     n_ctx_train: int = 0
+    pooling: Pooling = Pooling.NONE
 
     @staticmethod
     def read(b: Backend, **overrides: Any) -> DecoderParams:
@@ -64,7 +69,7 @@ class DecoderParams:
             rope_dim=b.uint("rope.dimension_count", head_dim_k), rope_base=b.float("rope.freq_base", 10000.0),
             rope_base_swa=b.float("rope.freq_base_swa", b.float("rope.local.freq_base", 10000.0)),
             rope_scale=1.0 / b.float("rope.scaling.factor", 1.0) if b.float("rope.scaling.factor", 0.0) else 1.0,
-            n_ctx_train=b.uint("context_length", 0), swa_layers=(False,) * n_layer)
+            n_ctx_train=b.uint("context_length", 0), swa_layers=(False,) * n_layer, pooling=Pooling.read(b))
         values.update(overrides)
         return DecoderParams(**values)
 
@@ -151,10 +156,18 @@ class Decoder(Module):
     def forward(self, ctx: Context, batch: Batch, cache: Cache) -> Tensor:
         """Logits [n_vocab, n_outputs] for batch.outputs, in that order."""
         p = self.params
+        x = self.hidden(ctx, batch, cache, ctx.from_numpy(batch.outputs))
+        logits = self.output.forward(ctx, x)
+        if p.final_softcap:
+            logits = logits.scale(ctx, 1.0 / p.final_softcap).tanh(ctx).scale(ctx, p.final_softcap)
+        return logits
+
+    def hidden(self, ctx: Context, batch: Batch, cache: Cache, outputs: Tensor | None) -> Tensor:
+        """Final-normed hidden states [n_embd, n]: of the `outputs` rows, or of every token when None."""
+        p = self.params
         cache.start_forward(ctx, batch)
         ids = ctx.from_numpy(batch.tokens)
         positions = ctx.from_numpy(batch.positions)
-        outputs = ctx.from_numpy(batch.outputs)
         x = self.token_embd.forward(ctx, ids)  # [n_embd, n_tokens]
         if p.embed_scale != 1.0:
             x = x.scale(ctx, p.embed_scale)
@@ -162,11 +175,18 @@ class Decoder(Module):
             last = il == p.n_layer - 1
             x = block.forward(ctx, x, positions, outputs if last else None, cache, il, p, self.rope_freqs,
                               self.flash)
-        x = self.output_norm.forward(ctx, x, p.eps)
-        logits = self.output.forward(ctx, x)
-        if p.final_softcap:
-            logits = logits.scale(ctx, 1.0 / p.final_softcap).tanh(ctx).scale(ctx, p.final_softcap)
-        return logits
+        return self.output_norm.forward(ctx, x, p.eps)
+
+    @property
+    def can_embed(self) -> bool:
+        return self.params.pooling != Pooling.NONE
+
+    def embed(self, ctx: Context, batch: Batch) -> Tensor:
+        """Pooled embeddings [n_embd, n_seqs] of the batch's sequences (in order of first appearance), each
+        sequence attending causally to itself only; the KV cache is not touched."""
+        p = self.params
+        cache = BatchCache(window_for=lambda il: p.window if p.swa_layers[il] else None, flash=self.flash)
+        return pool(ctx, self.hidden(ctx, batch, cache, None), batch.seqs, p.pooling)
 
     def shift(self, ctx: Context, il: int, key: Tensor, delta: Tensor) -> Tensor:
         """Re-rotate cached keys by `delta` positions with layer il's RoPE settings."""

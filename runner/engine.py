@@ -91,7 +91,9 @@ class Engine:
         self.cache = model.new_cache(flash=fused) if self.can_generate else None
         if self.cache is not None:
             self.cache.init(backend, kv_type, self.parallel, self.n_ctx_slot * self.parallel, self.n_batch)
-        self.n_ctx_embed = int(getattr(model.params, "n_ctx_train", 0) or n_ctx)
+        # An input to embed gets the runner's context, and never more positions than the model was trained on
+        # (bert's position table ends there).
+        self.n_ctx_embed = min(n_ctx, int(getattr(model.params, "n_ctx_train", 0) or n_ctx))
         self._embeds: deque[tuple[str, Callable[[list[float] | str], None]]] = deque()
         self.slots = [_Slot(i) for i in range(self.parallel)]
         self._incoming: deque[Sequence] = deque()

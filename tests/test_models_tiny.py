@@ -134,6 +134,16 @@ ARCHS = {
 def reference_logits(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int], **off: Any) -> np.ndarray:
     """Logits (n_tokens, n_vocab) for `tokens` at positions 0.. . `off` switches features off or changes them,
     to show the tests would notice (see SENSITIVITY)."""
+    x = reference_hidden(spec, w, tokens, **off)
+    out_w = w["output.weight"] if "output.weight" in w else w["token_embd.weight"]
+    logits = x @ out_w.astype(np.float64).T
+    if spec.final_softcap and not off.get("no_final_softcap"):
+        logits = spec.final_softcap * np.tanh(logits / spec.final_softcap)
+    return logits
+
+
+def reference_hidden(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int], **off: Any) -> np.ndarray:
+    """Final-normed hidden states (n_tokens, n_embd), float64; `off` as for reference_logits."""
     a = ARCHS[spec.arch]
     s = spec
     W = {k: v.astype(np.float64) for k, v in w.items()}
@@ -181,12 +191,7 @@ def reference_logits(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int]
         if s.post_norms and not off.get("no_post_norms"):
             h = rms_norm(h, W[p + "post_ffw_norm.weight"], s.eps)
         x = x + h
-    x = rms_norm(x, W["output_norm.weight"], s.eps)
-    out_w = W["output.weight"] if "output.weight" in W else W["token_embd.weight"]
-    logits = x @ out_w.T
-    if s.final_softcap and not off.get("no_final_softcap"):
-        logits = s.final_softcap * np.tanh(logits / s.final_softcap)
-    return logits
+    return rms_norm(x, W["output_norm.weight"], s.eps)
 
 
 def reference_greedy(spec: TinySpec, w: dict[str, np.ndarray], prompt: list[int], n: int) -> list[int]:
