@@ -7,18 +7,21 @@ import logging
 import re
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from gguf.constants import GGMLQuantizationType
+from gguf.quants import dequantize
 
 from ggml._lib import CData, check, ffi, lib
 from ggml.context import GgmlContext
 from ggml.runtime import Runtime, RuntimeOptions
 from ggml.tensor import GgmlTensor, new_tensor_ptr
 from ml.backend import ProgressFn
+from ml.dtype import DType
 from ml.errors import ModelLoadError
 from ml.gguffile import GGUFFile, TensorInfo
 
@@ -28,6 +31,9 @@ _BLOCK = re.compile(r"^(?:blk|enc\.blk|dec\.blk|v\.blk)\.(\d+)\.")
 # Tables read with get_rows, never multiplied: they must stay in plain (readable, non-repacked) buffers.
 _LOOKUP_TABLES = frozenset({"token_embd.weight", "position_embd.weight", "token_types.weight"})
 _OUTPUT = frozenset({"output.weight", "output_norm.weight", "output_norm.bias", "output.bias"})
+
+WidenFn = Callable[[str], Mapping[DType, DType]]
+"""architecture -> {stored type: type to hold in memory} for mat-mul weights (see GgmlBackend)."""
 
 
 def _free_buffers(state: dict[str, Any]) -> None:
@@ -41,10 +47,15 @@ def _free_buffers(state: dict[str, Any]) -> None:
 
 class GgmlBackend:
     """Implements `ml.Backend`. Metadata keys not starting with `general.` or `tokenizer.` are looked up under
-    `<architecture>.`, so models ask for `block_count`, not `llama.block_count`."""
+    `<architecture>.`, so models ask for `block_count`, not `llama.block_count`.
+
+    `widen(architecture)` may name types whose 2-D mat-mul weights are dequantized into a wider type while
+    loading (the file stays as it is): ggml rounds activations to 8 bits before every quantized mat-mul, which
+    small, precision-sensitive models (embedding encoders) feel."""
 
     def __init__(self, path: str | Path, options: RuntimeOptions | None = None,
-                 progress: ProgressFn | None = None, runtime: Runtime | None = None) -> None:
+                 progress: ProgressFn | None = None, runtime: Runtime | None = None,
+                 widen: WidenFn | None = None) -> None:
         self.path = Path(path)
         started = time.monotonic()
         gguf = GGUFFile(self.path)
@@ -62,6 +73,7 @@ class GgmlBackend:
             self._state: dict[str, Any] = {"buffers": [], "ctxs": []}
             self._finalizer = weakref.finalize(self, _free_buffers, self._state)
             self._tensors: dict[str, GgmlTensor] = {}
+            self._widen = dict(widen(arch)) if widen is not None else {}
             self._load(gguf, progress)
         except BaseException:
             gguf.close()
@@ -81,10 +93,16 @@ class GgmlBackend:
             return self.runtime.device_of_layer(self.n_layer, self.n_layer)
         return -1  # inputs (embeddings) stay on the CPU, as in llama.cpp
 
+    def _loaded_type(self, info: TensorInfo) -> DType:
+        if info.name in _LOOKUP_TABLES or len(info.shape) != 2:
+            return info.dtype
+        return self._widen.get(info.dtype, info.dtype)
+
     def _load(self, gguf: GGUFFile, progress: ProgressFn | None) -> None:
         groups: dict[Any, list[TensorInfo]] = {}
+        types = {info.name: self._loaded_type(info) for info in gguf.tensors.values()}
         for info in gguf.tensors.values():
-            buft = self.runtime.weight_buft(self._device_of(info.name), int(info.dtype), info.shape,
+            buft = self.runtime.weight_buft(self._device_of(info.name), int(types[info.name]), info.shape,
                                             for_matmul=info.name not in _LOOKUP_TABLES)
             groups.setdefault(buft, []).append(info)
         ptrs: dict[str, CData] = {}
@@ -94,7 +112,7 @@ class GgmlBackend:
             ctx = check(lib.ggml_init(params[0]), "ggml_init")
             self._state["ctxs"].append(ctx)
             for info in infos:
-                ptr = new_tensor_ptr(ctx, info.dtype, info.shape)
+                ptr = new_tensor_ptr(ctx, types[info.name], info.shape)
                 lib.ggml_set_name(ptr, info.name.encode()[:63])
                 ptrs[info.name] = ptr
             buf = check(lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft), "ggml_backend_alloc_ctx_tensors",
@@ -109,8 +127,12 @@ class GgmlBackend:
             progress(0.0)
         for info in gguf.tensors.values():
             view = gguf.data(info)
-            # One memcpy from the page cache into the backend buffer (repacked on the way where chosen).
-            lib.ggml_backend_tensor_set(ptrs[info.name], ffi.from_buffer(view), 0, info.nbytes)
+            if types[info.name] == info.dtype:
+                # One memcpy from the page cache into the backend buffer (repacked on the way where chosen).
+                lib.ggml_backend_tensor_set(ptrs[info.name], ffi.from_buffer(view), 0, info.nbytes)
+            else:
+                wide = _widened(view, info, types[info.name])
+                lib.ggml_backend_tensor_set(ptrs[info.name], ffi.from_buffer(wide), 0, wide.nbytes)
             view.release()
             self._tensors[info.name] = GgmlTensor(ptrs[info.name], self)
             done += info.nbytes
@@ -197,7 +219,14 @@ class GgmlBackend:
         self.close()
 
 
+def _widened(raw: memoryview, info: TensorInfo, to: DType) -> npt.NDArray[Any]:
+    """A stored tensor's data as `to` (F32 or F16), dequantized row by row with gguf's reference code."""
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(info.shape[1], -1)
+    values = dequantize(rows, GGMLQuantizationType(int(info.dtype)))
+    return np.ascontiguousarray(values, dtype=to.numpy)
+
+
 def load_backend(path: str | Path, options: RuntimeOptions | None = None,
-                 progress: ProgressFn | None = None) -> GgmlBackend:
+                 progress: ProgressFn | None = None, widen: WidenFn | None = None) -> GgmlBackend:
     """Open the GGUF at `path` and load its weights; raises ModelLoadError for bad files."""
-    return GgmlBackend(path, options, progress)
+    return GgmlBackend(path, options, progress, widen=widen)

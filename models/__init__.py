@@ -2,6 +2,6 @@
 from __future__ import annotations
 
 from models import bert, gemma, llama  # noqa: F401  (registration)
-from models.registry import Model, load_model, supported_architectures
+from models.registry import Model, load_model, supported_architectures, widened_types
 
-__all__ = ["Model", "load_model", "supported_architectures"]
+__all__ = ["Model", "load_model", "supported_architectures", "widened_types"]

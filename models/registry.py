@@ -1,11 +1,12 @@
 """Architectures register by GGUF `general.architecture`; `load_model` builds the right one from a backend."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 from ml.backend import Backend, Context, Tensor
 from ml.batch import Batch
+from ml.dtype import DType
 from ml.errors import UnsupportedArchitecture
 from models.loader import load_weights
 
@@ -40,6 +41,11 @@ def register(*architectures: str) -> Callable[[C], C]:
 
 def supported_architectures() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def widened_types(architecture: str) -> Mapping[DType, DType]:
+    """What the architecture's class asks the backend to widen at load (`widen_weights`; GgmlBackend's `widen`)."""
+    return dict(getattr(_REGISTRY.get(architecture), "widen_weights", {}))
 
 
 def load_model(backend: Backend, *, strict: bool = False) -> Model:

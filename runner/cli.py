@@ -25,11 +25,11 @@ class Loaded:
     def __init__(self, path: str, threads: int, progress: Any = None, n_gpu_layers: int = 0, main_gpu: int = 0,
                  tensor_split: tuple[float, ...] = (), flash: bool = False, fast_kernels: bool = False) -> None:
         from ggml import RuntimeOptions, load_backend
-        from models import load_model
+        from models import load_model, widened_types
         from models.tokenizer import tokenizer_from_metadata
         opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, main_gpu=main_gpu,
                               tensor_split=tensor_split, flash_attention=flash, fast_kernels=fast_kernels)
-        self.backend = load_backend(path, opts, progress)
+        self.backend = load_backend(path, opts, progress, widen=widened_types)
         try:
             self.model = load_model(self.backend)
             self.tokenizer = tokenizer_from_metadata(self.backend.metadata)

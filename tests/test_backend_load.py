@@ -409,3 +409,40 @@ def test_use_repack_false_keeps_weights_readable(tmp_path: Path) -> None:
         t = b.get("blk.0.attn_q.weight")
         assert _buft_name(t) == "CPU"
         assert np.array_equal(t.numpy(), raw)
+
+
+def test_widen_holds_quantized_matmul_weights_in_a_wider_type(tmp_path: Path) -> None:
+    """`widen` dequantizes 2-D mat-mul weights of the named types while loading (the values gguf's reference
+    dequantizer gives, rounded to F16); lookup tables, 1-D tensors and other types keep their stored bytes."""
+    g = np.random.default_rng(4)
+    w8 = g.standard_normal((16, 64)).astype(np.float32)
+    w4 = g.standard_normal((16, 64)).astype(np.float32)
+    emb = g.standard_normal((8, 64)).astype(np.float32)
+    q8, q4 = GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0
+    tensors: dict[str, tuple[npt.NDArray[Any], GGMLQuantizationType | None]] = {
+        "blk.0.attn_q.weight": (_q_bytes(w8, q8), q8),
+        "blk.0.attn_k.weight": (_q_bytes(w4, q4), q4),
+        "token_embd.weight": (_q_bytes(emb, q8), q8),
+        "blk.0.attn_norm.weight": (np.ones(64, np.float32), None),
+    }
+    path = tmp_path / "widen.gguf"
+    write_tiny(path, tensors)
+    seen: list[str] = []
+
+    def widen(arch: str) -> dict[DType, DType]:
+        seen.append(arch)
+        return {DType.Q8_0: DType.F16}
+
+    with load_backend(path, RuntimeOptions(threads=1), widen=widen) as b:
+        assert seen == [b.architecture]
+        q = b.get("blk.0.attn_q.weight")
+        assert q.dtype == DType.F16 and tuple(q.shape) == (64, 16)
+        np.testing.assert_array_equal(q.numpy(), dequantize(tensors["blk.0.attn_q.weight"][0], q8).astype(np.float16))
+        assert b.get("blk.0.attn_k.weight").dtype == DType.Q4_0  # not named
+        assert b.get("token_embd.weight").dtype == DType.Q8_0  # a lookup table
+        x = g.standard_normal((3, 64)).astype(np.float32)
+        with b.new_context() as ctx:
+            y = q.matmul(ctx, ctx.from_numpy(x))
+            ctx.compute(y)
+            ref = x.astype(np.float64) @ dequantize(tensors["blk.0.attn_q.weight"][0], q8).astype(np.float64).T
+            assert np.max(np.abs(y.numpy() - ref)) < 2e-2 * np.max(np.abs(ref))
