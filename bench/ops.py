@@ -174,8 +174,10 @@ def main(args: argparse.Namespace) -> int:
     finally:
         rt.close()
     head = ["op", "shape (W * x)", "ggml GFLOP/s", "numpy GFLOP/s", "ggml speedup", "ggml ms", "numpy ms", "note"]
-    repack = "yes" if any("repack" in r.name for r in rows) else "no (needs AVX2)"
-    print(f"threads={args.threads}, best of {args.repeat}, CPU_REPACK={repack}\n")
+    repack = "yes" if any("repack" in r.name for r in rows) else (
+        "no (needs AVX2)" if args.fast_kernels else "no (needs --fast-kernels)")
+    kernels = "fast (batch-shape-dependent)" if args.fast_kernels else "batch-invariant (the runner's default)"
+    print(f"threads={args.threads}, best of {args.repeat}, kernels: {kernels}, CPU_REPACK={repack}\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "|".join("---" for _ in head) + "|")
     for r in rows:
