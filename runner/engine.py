@@ -176,6 +176,8 @@ class Engine:
                 text, reply = self._embeds.popleft()
             try:
                 tokens = self.tokenizer.encode(text, add_special=True, parse_special=False)
+                if not tokens:  # no BOS/CLS to stand in for an empty text: nothing to pool
+                    raise ValueError("the input is empty after tokenization")
                 if len(tokens) > self.n_ctx_embed:  # too long: keep the head, as llama.cpp truncates
                     tokens = tokens[:self.n_ctx_embed]
                 ctx = self.backend.new_context()

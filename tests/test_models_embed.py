@@ -1,17 +1,20 @@
 """Decoders with `<arch>.pooling_type` embed: tiny random-weight GGUFs of every decoder architecture, pooled by
 mean / last token / first token, against the float64 numpy reference of test_models_tiny (final-normed hidden
 states, causal attention within the input, sliding windows), alone and with two inputs in one batch; through the
-engine's embedding queue as the runner calls it; and a decoder without pooling still refuses to embed."""
+engine's embedding queue as the runner calls it; over HTTP from a runner that streams a completion at the same time;
+and a decoder without pooling still refuses to embed."""
 from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 from test_models_tiny import CASES, PROMPT, reference_hidden, rel_err, tol
+from test_server_support import RunnerProcess, complete, p3_request
 from tiny_gguf import TinySpec, write_gguf
 
 from ggml import RuntimeOptions, load_backend
@@ -132,3 +135,38 @@ def test_unsupported_pooling_type_means_no_embedding(tmp_path: Path) -> None:
         assert t.model.params.pooling == Pooling.NONE and not t.model.can_embed
     finally:
         t.backend.close()
+
+
+def test_http_embeddings_interleave_with_a_streaming_completion(tmp_path: Path) -> None:
+    """A runner serving a decoder that both generates and embeds: 8 /embedding requests sent at once while a
+    /completion streams; every one succeeds, each vector equals its serial value, the completion streams to its
+    end."""
+    path = tmp_path / "llama-mean.gguf"
+    write_gguf(path, _pooled_spec("llama", Pooling.MEAN), seed=11)
+    texts = ["the cat sat on the mat.", "a bat", "the the the", "in at on", "sea, sand and sun.", "he is here",
+             "z", "on"]
+    r = RunnerProcess.start(path, ["--threads", "1", "--parallel", "2", "--ctx-size", "256"], tmp_path,
+                            name="tiny-embed")
+    try:
+        r.wait_ready()
+        with r.client() as c:
+            def embed(text: str) -> list[float]:
+                resp = c.post("/embedding", json={"content": text})
+                assert resp.status_code == 200, resp.text
+                return list(resp.json()["embedding"])
+
+            # no BOS in this vocabulary: an empty text has no token to pool, a clear error, and the runner goes on
+            resp = c.post("/embedding", json={"content": ""})
+            assert resp.status_code == 500
+            assert resp.content == b"failed to embed: ValueError: the input is empty after tokenization\n"
+            serial = [embed(t) for t in texts]
+            with ThreadPoolExecutor(len(texts) + 1) as pool:
+                gen = pool.submit(complete, c, p3_request("the cat", num_predict=24, temperature=0))
+                together = list(pool.map(embed, texts))
+                stream = gen.result()
+    finally:
+        r.stop()
+    assert together == serial
+    assert all(len(v) == CASES["llama"].n_embd and any(v) for v in serial)
+    assert stream.status == 200 and stream.final["done"] is True
+    assert 1 <= stream.final["eval_count"] <= 24
