@@ -33,6 +33,8 @@ class BatchCache:
         pass
 
     def start_forward(self, ctx: Context, batch: Batch, reserve: bool = False) -> None:
+        if batch.n_tokens < 1:  # ggml aborts the process on the empty tensors that would follow
+            raise ValueError("empty batch")
         self._batch = batch
         self._masks.clear()
         self._kv.clear()

@@ -93,6 +93,8 @@ class Bert(Module):
         token attends to every token of its own sequence."""
         p = self.params
         n = batch.n_tokens
+        if n < 1:  # ggml aborts the process on the empty tensors that would follow
+            raise ValueError("empty batch")
         same = batch.seqs[None, :] == batch.seqs[:, None]  # [query, key]
         mask = ctx.from_numpy(np.where(same, 0.0, -np.inf).astype(np.float32))
         ids = ctx.from_numpy(batch.tokens)

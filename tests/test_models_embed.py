@@ -117,6 +117,12 @@ def test_engine_embeds_with_a_decoder(tmp_path: Path) -> None:
         t.backend.close()
 
 
+def test_empty_batch_is_an_error_not_an_abort(tiny: tuple[Tiny, Pooling]) -> None:
+    t, _ = tiny
+    with pytest.raises(ValueError, match="empty batch"):
+        t.embed(Batch.single([]))
+
+
 def test_decoder_without_pooling_does_not_embed(tmp_path: Path) -> None:
     t = Tiny(tmp_path / "plain.gguf", CASES["llama"], seed=1)
     try:
