@@ -100,6 +100,16 @@ EMPTY = -1
 """Position of an empty cell."""
 
 
+def _batch_arrays(positions: ArrayLike, seqs: ArrayLike,
+                  pos_dtype: type[np.int32] | type[np.int64]) -> tuple[NDArray[Any], NDArray[np.intp]]:
+    """A batch's positions and sequence ids as arrays; raises ValueError unless both are 1-D of one length."""
+    pos = np.asarray(positions, dtype=pos_dtype)
+    seq = np.asarray(seqs, dtype=np.intp)
+    if pos.ndim != 1 or seq.shape != pos.shape:
+        raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
+    return pos, seq
+
+
 def _readonly(a: NDArray[Any]) -> NDArray[Any]:
     view = a.view()
     view.flags.writeable = False
@@ -211,10 +221,7 @@ class CellTable:
         Raises:
             CacheFullError: fewer than ``n`` cells are free at all.
         """
-        pos = np.asarray(positions, dtype=np.int32)
-        seq = np.asarray(seqs, dtype=np.intp)
-        if pos.ndim != 1 or seq.shape != pos.shape:
-            raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
+        pos, seq = _batch_arrays(positions, seqs, np.int32)
         self._check_seqs(seq)
         free = self._pos < 0
         n_free = int(np.count_nonzero(free))
@@ -301,10 +308,7 @@ class CellTable:
         Raises:
             ValueError: bad shapes/ids, or a target cell is not free.
         """
-        pos = np.asarray(positions, dtype=np.int32)
-        seq = np.asarray(seqs, dtype=np.intp)
-        if pos.ndim != 1 or seq.shape != pos.shape:
-            raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
+        pos, seq = _batch_arrays(positions, seqs, np.int32)
         n = pos.size
         if isinstance(cells, (int, np.integer)):
             idx = np.arange(int(cells), int(cells) + n, dtype=np.intp)
@@ -400,10 +404,7 @@ class CellTable:
             ``(round_up(n_tokens, row_pad), stop - start)`` array of 0/-inf
             (ggml ``ne = [n_kv, n_rows]``).
         """
-        pos = np.asarray(positions, dtype=np.int32)
-        seq = np.asarray(seqs, dtype=np.intp)
-        if pos.ndim != 1 or seq.shape != pos.shape:
-            raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
+        pos, seq = _batch_arrays(positions, seqs, np.int32)
         if seq.size:
             self._check_seqs(seq)
         start, stop = self.kv_range(kv_pad) if kv_range is None else kv_range
@@ -521,10 +522,7 @@ class CellTable:
         """
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
-        pos = np.asarray(positions, dtype=np.int64)
-        seq = np.asarray(seqs, dtype=np.intp)
-        if pos.ndim != 1 or seq.shape != pos.shape:
-            raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
+        pos, seq = _batch_arrays(positions, seqs, np.int64)
         if seq.size == 0:
             return np.empty(0, dtype=np.int32)
         self._check_seqs(seq)
