@@ -62,12 +62,13 @@ class RunnerConfig:
         return self.ctx_size // self.parallel
 
 
-def _parse_bool(name: str, text: str) -> bool:
+def _parse_bool(text: str, source: str) -> bool:
+    """strconv.ParseBool; `source` names where the text came from, for the error."""
     if text in _TRUE:
         return True
     if text in _FALSE:
         return False
-    raise ValueError(f"invalid boolean value {text!r} for flag --{name}")
+    raise ValueError(f"invalid boolean value {text!r} for {source}")
 
 
 def _parse_int(name: str, text: str) -> int:
@@ -162,7 +163,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str],
     """
     args = list(argv[1:]) if argv and argv[0] == "runner" else list(argv)
     values, loras, unknown = _scan(args)
-    bools = {name: _parse_bool(name, values[name]) for name in _BOOL_FLAGS if name in values}
+    bools = {name: _parse_bool(values[name], f"flag --{name}") for name in _BOOL_FLAGS if name in values}
     ints = {name: _parse_int(name, values[name]) for name in _INT_FLAGS if name in values}
     dialect_text = values.get("dialect") or env.get(DIALECT_ENV, "").strip() or Dialect.P3.value
     try:
@@ -170,10 +171,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str],
     except ValueError as exc:
         source = "--dialect" if "dialect" in values else DIALECT_ENV
         raise ValueError(f"{source}: {exc}") from None
-    fast_text = env.get(FAST_KERNELS_ENV, "").strip() or "false"
-    if fast_text not in _TRUE | _FALSE:
-        raise ValueError(f"{FAST_KERNELS_ENV}: invalid boolean value {fast_text!r}")
-    fast_kernels = fast_text in _TRUE
+    fast_kernels = _parse_bool(env.get(FAST_KERNELS_ENV, "").strip() or "false", FAST_KERNELS_ENV)
     config = RunnerConfig(
         model=values.get("model", ""), ctx_size=ints.get("ctx-size", 2048), batch_size=ints.get("batch-size", 512),
         n_gpu_layers=ints.get("n-gpu-layers", 0), main_gpu=ints.get("main-gpu", 0),
