@@ -30,8 +30,9 @@ class RuntimeOptions:
     """ggml's fastest CPU kernels, whose results depend on the batch's shape: tiled and KV-split attention, tiled
     K-quant matmuls, fused ops, repacked weights (GEMM for many rows, GEMV for few). Off (the default), the CPU runs
     the one per-row kernel of each op, so a token's logits are bit-identical whatever else shares its batch:
-    --parallel and the batch size never change a greedy or seeded text. Costs ~20-28% of prefill speed on
-    512-token prompts, nothing measurable on decode (bench/generate.py --fast-kernels)."""
+    --parallel and the batch size never change a greedy or seeded text. Costs prefill speed, not decode
+    (bench/generate.py, 2 threads: SmolLM2 Q4_1 -7% / -12% on 128 / 512-token prompts, Gemma 3 Q4_K_M -30% / -27%;
+    a Q4_K GEMM runs at a third of the tiled kernel's speed)."""
     use_repack: bool = True
     """With fast_kernels: keep Q4_0/Q4_K/IQ4_NL matmul weights in ggml's repacked CPU layout."""
 

@@ -105,4 +105,3 @@ class Bert(Module):
         for block in self.blk:
             x = block.forward(ctx, x, mask, p, n)
         return pool(ctx, x, batch.seqs, p.pooling)
-

@@ -45,7 +45,8 @@ def supported_architectures() -> list[str]:
 
 def widened_types(architecture: str) -> Mapping[DType, DType]:
     """What the architecture's class asks the backend to widen at load (`widen_weights`; GgmlBackend's `widen`)."""
-    return dict(getattr(_REGISTRY.get(architecture), "widen_weights", {}))
+    widen: Mapping[DType, DType] = getattr(_REGISTRY.get(architecture), "widen_weights", {})
+    return widen  # GgmlBackend keeps its own copy
 
 
 def load_model(backend: Backend, *, strict: bool = False) -> Model:
