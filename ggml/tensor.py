@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ggml import guards
 from ggml._lib import CData, check, ffi, lib
 from ml.dtype import DType
 from ml.errors import GgmlError
@@ -25,6 +26,19 @@ def _c(ctx: Context) -> GgmlContext:
 
 def _t(t: Tensor | None) -> CData:
     return ffi.NULL if t is None else t._ptr  # type: ignore[attr-defined]
+
+
+def _ne(t: Tensor) -> guards.Ne:
+    ne = _t(t).ne
+    return (int(ne[0]), int(ne[1]), int(ne[2]), int(ne[3]))
+
+
+def _meta(t: Tensor | None) -> tuple[DType, guards.Ne] | None:
+    return None if t is None else (DType(_t(t).type), _ne(t))
+
+
+def _transposed(t: Tensor) -> bool:
+    return bool(_t(t).nb[0] > _t(t).nb[1])
 
 
 class GgmlTensor:
@@ -108,24 +122,31 @@ class GgmlTensor:
 
     # ---- element-wise ----
     def add(self, ctx: Context, b: Tensor) -> Tensor:
+        guards.binary("add", self.dtype, self.ne, b.dtype, _ne(b))
         return _c(ctx).wrap(lib.ggml_add(_c(ctx).c, self._ptr, _t(b)))
 
     def sub(self, ctx: Context, b: Tensor) -> Tensor:
+        guards.binary("sub", self.dtype, self.ne, b.dtype, _ne(b))
         return _c(ctx).wrap(lib.ggml_sub(_c(ctx).c, self._ptr, _t(b)))
 
     def mul(self, ctx: Context, b: Tensor) -> Tensor:
+        guards.binary("mul", self.dtype, self.ne, b.dtype, _ne(b))
         return _c(ctx).wrap(lib.ggml_mul(_c(ctx).c, self._ptr, _t(b)))
 
     def div(self, ctx: Context, b: Tensor) -> Tensor:
+        guards.binary("div", self.dtype, self.ne, b.dtype, _ne(b))
         return _c(ctx).wrap(lib.ggml_div(_c(ctx).c, self._ptr, _t(b)))
 
     def scale(self, ctx: Context, s: float) -> Tensor:
+        guards.unary("scale", self.dtype, guards.SCALE_TYPES)
+        guards.finite("scale", "the factor", s)
         return _c(ctx).wrap(lib.ggml_scale(_c(ctx).c, self._ptr, s))
 
     def neg(self, ctx: Context) -> Tensor:
         return _c(ctx).wrap(lib.ggml_neg(_c(ctx).c, self._ptr))
 
     def sqr(self, ctx: Context) -> Tensor:
+        guards.unary("sqr", self.dtype)
         return _c(ctx).wrap(lib.ggml_sqr(_c(ctx).c, self._ptr))
 
     def sqrt(self, ctx: Context) -> Tensor:
@@ -138,53 +159,68 @@ class GgmlTensor:
         return _c(ctx).wrap(lib.ggml_cos(_c(ctx).c, self._ptr))
 
     def tanh(self, ctx: Context) -> Tensor:
+        guards.unary("tanh", self.dtype)
         return _c(ctx).wrap(lib.ggml_tanh(_c(ctx).c, self._ptr))
 
     def sigmoid(self, ctx: Context) -> Tensor:
+        guards.unary("sigmoid", self.dtype)
         return _c(ctx).wrap(lib.ggml_sigmoid(_c(ctx).c, self._ptr))
 
     def relu(self, ctx: Context) -> Tensor:
+        guards.unary("relu", self.dtype)
         return _c(ctx).wrap(lib.ggml_relu(_c(ctx).c, self._ptr))
 
     def silu(self, ctx: Context) -> Tensor:
+        guards.unary("silu", self.dtype)
         return _c(ctx).wrap(lib.ggml_silu(_c(ctx).c, self._ptr))
 
     def gelu(self, ctx: Context) -> Tensor:
+        guards.unary("gelu", self.dtype)
         return _c(ctx).wrap(lib.ggml_gelu(_c(ctx).c, self._ptr))
 
     def gelu_quick(self, ctx: Context) -> Tensor:
+        guards.unary("gelu_quick", self.dtype)
         return _c(ctx).wrap(lib.ggml_gelu_quick(_c(ctx).c, self._ptr))
 
     def swiglu(self, ctx: Context, up: Tensor) -> Tensor:
         """silu(self) * up, fused."""
+        guards.same_shape("swiglu", self.dtype, self.ne, up.dtype, _ne(up))
         return _c(ctx).wrap(lib.ggml_swiglu_split(_c(ctx).c, self._ptr, _t(up)))
 
     def geglu(self, ctx: Context, up: Tensor) -> Tensor:
         """gelu(self) * up, fused."""
+        guards.same_shape("geglu", self.dtype, self.ne, up.dtype, _ne(up))
         return _c(ctx).wrap(lib.ggml_geglu_split(_c(ctx).c, self._ptr, _t(up)))
 
     def clamp(self, ctx: Context, lo: float, hi: float) -> Tensor:
+        guards.unary("clamp", self.dtype, guards.CLAMP_TYPES)
         return _c(ctx).wrap(lib.ggml_clamp(_c(ctx).c, self._ptr, lo, hi))
 
     # ---- linear algebra, normalisation, attention ----
     def matmul(self, ctx: Context, b: Tensor) -> Tensor:
         """self [k, m, ...] x b [k, n, ...] -> [m, n, ...] (numpy: b @ self.T); b broadcasts over dims 2 and 3."""
+        guards.matmul(self.dtype, self.ne, b.dtype, _ne(b), _transposed(self))
         return _c(ctx).wrap(lib.ggml_mul_mat(_c(ctx).c, self._ptr, _t(b)))
 
     def matmul_full(self, ctx: Context, b: Tensor) -> Tensor:
         """matmul with f32 accumulation requested (matters on GPUs that default to f16)."""
+        guards.matmul(self.dtype, self.ne, b.dtype, _ne(b), _transposed(self))
         out = lib.ggml_mul_mat(_c(ctx).c, self._ptr, _t(b))
         lib.ggml_prec_set_acc(out, lib.GGML_PREC_F32)
         return _c(ctx).wrap(out)
 
     def matmul_id(self, ctx: Context, b: Tensor, ids: Tensor) -> Tensor:
         """Expert matmul: self [k, m, n_expert], b [k, n_used or 1, n_tokens], ids I32 [n_used, n_tokens]."""
+        guards.matmul_id(self.dtype, self.ne, b.dtype, _ne(b), ids.dtype, _ne(ids), _transposed(self))
         return _c(ctx).wrap(lib.ggml_mul_mat_id(_c(ctx).c, self._ptr, _t(b), _t(ids)))
 
     def softmax(self, ctx: Context, mask: Tensor | None = None, scale: float = 1.0,
                 softcap: float = 0.0) -> Tensor:
         """softmax(self*scale + mask) over dim 0; with softcap > 0, scores become softcap*tanh(score/softcap)
         before the mask (gemma2), which ggml's fused soft_max has no parameter for."""
+        guards.softmax(self.dtype, self.ne, bool(lib.ggml_is_contiguous(self._ptr)), _meta(mask))
+        guards.finite("soft_max", "scale", scale)
+        guards.finite("soft_max", "softcap", softcap)
         c = _c(ctx)
         x = self._ptr
         if softcap > 0.0:
@@ -193,9 +229,11 @@ class GgmlTensor:
         return c.wrap(lib.ggml_soft_max_ext(c.c, x, _t(mask), scale, 0.0))
 
     def rms_norm(self, ctx: Context, eps: float) -> Tensor:
+        guards.norm("rms_norm", self.dtype, eps)
         return _c(ctx).wrap(lib.ggml_rms_norm(_c(ctx).c, self._ptr, eps))
 
     def layer_norm(self, ctx: Context, eps: float) -> Tensor:
+        guards.norm("norm", self.dtype, eps)
         return _c(ctx).wrap(lib.ggml_norm(_c(ctx).c, self._ptr, eps))
 
     def rope(self, ctx: Context, positions: Tensor, n_dims: int, base: float, *, neox: bool = False,
@@ -203,6 +241,11 @@ class GgmlTensor:
              ext_factor: float = 0.0, attn_factor: float = 1.0, beta_fast: float = 32.0,
              beta_slow: float = 1.0) -> Tensor:
         """Rotary embedding of self [head_dim, n_head, n_tokens] at I32 `positions` [n_tokens]."""
+        guards.rope(self.dtype, self.ne, positions.dtype, _ne(positions), n_dims, base, _meta(freq_factors),
+                    freq_scale)
+        for name, value in (("ext_factor", ext_factor), ("attn_factor", attn_factor), ("beta_fast", beta_fast),
+                            ("beta_slow", beta_slow)):
+            guards.finite("rope", name, value)
         mode = lib.GGML_ROPE_TYPE_NEOX if neox else 0
         return _c(ctx).wrap(lib.ggml_rope_ext(_c(ctx).c, self._ptr, _t(positions), _t(freq_factors), n_dims, mode,
                                               n_ctx_orig, base, freq_scale, ext_factor, attn_factor, beta_fast,
@@ -212,12 +255,16 @@ class GgmlTensor:
                    softcap: float = 0.0) -> Tensor:
         """Fused attention. self = q [d, n_tokens, n_head]; k, v [d, n_kv, n_head_kv] (F16 or quantized);
         mask F16 [n_kv, n_tokens_padded]; returns [d_v, n_head, n_tokens] (permuted, as ggml gives it)."""
+        guards.flash_attn(self.ne, k.dtype, _ne(k), v.dtype, _ne(v), _meta(mask))
+        guards.finite("flash_attn_ext", "scale", scale)
+        guards.finite("flash_attn_ext", "softcap", softcap)
         out = lib.ggml_flash_attn_ext(_c(ctx).c, self._ptr, _t(k), _t(v), _t(mask), scale, 0.0, softcap)
         lib.ggml_prec_set_acc(out, lib.GGML_PREC_F32)
         return _c(ctx).wrap(out)
 
     # ---- shape and layout ----
     def reshape(self, ctx: Context, *shape: int) -> Tensor:
+        guards.reshape(self.ne, shape, bool(lib.ggml_is_contiguous(self._ptr)))
         ne = list(shape) + [1] * (4 - len(shape))
         return _c(ctx).wrap(lib.ggml_reshape_4d(_c(ctx).c, self._ptr, *ne))
 
@@ -230,6 +277,7 @@ class GgmlTensor:
             row = self.dtype.row_bytes(ne[0])
             full = [row, row * ne[1], row * ne[1] * ne[2]]
             nb = nb + full[len(nb):]
+        guards.view(self.nbytes, offset, ne, nb, self.dtype.row_bytes(ne[0]))
         return _c(ctx).wrap(lib.ggml_view_4d(_c(ctx).c, self._ptr, ne[0], ne[1], ne[2], ne[3], nb[0], nb[1], nb[2],
                                              offset))
 
@@ -245,49 +293,64 @@ class GgmlTensor:
         return _c(ctx).wrap(lib.ggml_cont(_c(ctx).c, self._ptr))
 
     def concat(self, ctx: Context, b: Tensor, dim: int) -> Tensor:
+        guards.concat(self.dtype, self.ne, b.dtype, _ne(b), dim)
         return _c(ctx).wrap(lib.ggml_concat(_c(ctx).c, self._ptr, _t(b), dim))
 
     def get_rows(self, ctx: Context, ids: Tensor) -> Tensor:
         """Rows of self [n_embd, n_rows, ...] picked by I32 `ids` -> [n_embd, len(ids), ...] (dequantized)."""
+        guards.get_rows(self.ne, ids.dtype, _ne(ids))
         return _c(ctx).wrap(lib.ggml_get_rows(_c(ctx).c, self._ptr, _t(ids)))
 
     def set_rows(self, ctx: Context, src: Tensor, ids: Tensor) -> Tensor:
         """Write rows of `src` into self at I64/I32 `ids` (converting type); returns a view of self."""
+        guards.set_rows(self.ne, src.dtype, _ne(src), ids.dtype, _ne(ids))
         return _c(ctx).wrap(lib.ggml_set_rows(_c(ctx).c, self._ptr, _t(src), _t(ids)))
 
     def copy(self, ctx: Context, dst: Tensor) -> Tensor:
         """Copy self into `dst` (same element count, converting type); returns a view of dst."""
+        guards.copy(self.dtype, self.ne, dst.dtype, _ne(dst))
         return _c(ctx).wrap(lib.ggml_cpy(_c(ctx).c, self._ptr, _t(dst)))
 
     def cast(self, ctx: Context, dtype: DType) -> Tensor:
+        guards.copy(self.dtype, self.ne, dtype, self.ne)
         return _c(ctx).wrap(lib.ggml_cast(_c(ctx).c, self._ptr, int(dtype)))
 
     def pad(self, ctx: Context, *pads: int) -> Tensor:
+        guards.unary("pad", self.dtype, guards.F32_ONLY)
         """Zero-pad at the end of each dimension by pads[i]."""
         p = list(pads) + [0] * (4 - len(pads))
         return _c(ctx).wrap(lib.ggml_pad_ext(_c(ctx).c, self._ptr, 0, p[0], 0, p[1], 0, p[2], 0, p[3]))
 
     def repeat(self, ctx: Context, like: Tensor) -> Tensor:
+        if self.dtype.is_quantized or not guards.can_repeat(self.ne, _ne(like)):
+            raise GgmlError(f"repeat: {self.dtype.name} {list(self.ne)} does not tile {list(_ne(like))}")
         return _c(ctx).wrap(lib.ggml_repeat(_c(ctx).c, self._ptr, _t(like)))
 
     # ---- reductions ----
     def sum_rows(self, ctx: Context) -> Tensor:
+        guards.unary("sum_rows", self.dtype, guards.F32_ONLY)
         return _c(ctx).wrap(lib.ggml_sum_rows(_c(ctx).c, self._ptr))
 
     def mean(self, ctx: Context) -> Tensor:
+        guards.unary("mean", self.dtype, guards.F32_ONLY)
         return _c(ctx).wrap(lib.ggml_mean(_c(ctx).c, self._ptr))
 
     def argmax(self, ctx: Context) -> Tensor:
+        guards.unary("argmax", self.dtype, guards.F32_ONLY)
         return _c(ctx).wrap(lib.ggml_argmax(_c(ctx).c, self._ptr))
 
     def top_k(self, ctx: Context, k: int) -> Tensor:
         """I32 indices of the k largest values of each row, in no particular order."""
+        guards.unary("top_k", self.dtype, guards.F32_ONLY)
+        if not 0 < k <= self.ne[0]:
+            raise GgmlError(f"top_k: k={k} for rows of {self.ne[0]}")
         return _c(ctx).wrap(lib.ggml_top_k(_c(ctx).c, self._ptr, k))
 
     # ---- vision ----
     def im2col(self, ctx: Context, kernel: Tensor, s0: int, s1: int, p0: int, p1: int, d0: int = 1,
                d1: int = 1) -> Tensor:
         """self is the input [W, H, C, N]; `kernel` [KW, KH, C, OC] gives the patch size; F32 columns."""
+        guards.unary("im2col", self.dtype, guards.F32_ONLY)
         return _c(ctx).wrap(lib.ggml_im2col(_c(ctx).c, _t(kernel), self._ptr, s0, s1, p0, p1, d0, d1, True,
                                             int(DType.F32)))
 

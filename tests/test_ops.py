@@ -276,8 +276,7 @@ def test_unary(ctx: GgmlContext, op: str, dtype: DType, shape: tuple[int, ...]) 
 
 @pytest.mark.parametrize("shape", [(5,), (3, 33), (2, 2, 4, 7)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [
-    DType.F32, DType.BF16,
-    pytest.param(DType.F16, marks=skip("ggml-cpu scale supports F32/BF16 only (F16 aborts)")),
+    DType.F32, DType.BF16,  # F16 aborts ggml-cpu: refused, see UNSUPPORTED
 ], ids=lambda d: d.name)
 @pytest.mark.parametrize("s", [0.125, -3.0, 0.0])
 def test_scale(ctx: GgmlContext, dtype: DType, shape: tuple[int, ...], s: float) -> None:
@@ -291,8 +290,7 @@ def test_scale(ctx: GgmlContext, dtype: DType, shape: tuple[int, ...], s: float)
 
 
 @pytest.mark.parametrize("dtype", [
-    DType.F32, DType.F16,
-    pytest.param(DType.BF16, marks=skip("ggml-cpu clamp supports F32/F16 only (BF16 aborts)")),
+    DType.F32, DType.F16,  # BF16 aborts ggml-cpu: refused, see UNSUPPORTED
 ], ids=lambda d: d.name)
 @pytest.mark.parametrize("lo,hi", [(-0.5, 0.5), (0.0, 10.0), (-1e30, 1e30)], ids=["sym", "pos", "wide"])
 def test_clamp(ctx: GgmlContext, dtype: DType, lo: float, hi: float) -> None:
@@ -318,25 +316,27 @@ def test_glu(ctx: GgmlContext, glu: str, dtype: DType, shape: tuple[int, ...]) -
 
 # ---------------------------------------------------------------- combinations ggml-cpu lacks
 
-# (op, input type): ggml-cpu has no kernel and aborts the whole process (GGML_ABORT), so these stay skipped; the
-# list documents what models must avoid (cast to F32 first). Other skips sit next to their op's test.
+# (op, input type): ggml-cpu has no kernel and would abort the whole process (GGML_ABORT); ggml/guards.py refuses
+# each one with a GgmlError before ggml sees it. Without the guard, these tests would kill the test process.
 _F32_ONLY = ["rms_norm", "layer_norm", "softmax", "sum_rows", "mean", "argmax", "top_k", "pad", "im2col"]
 UNSUPPORTED = [
     *[(op, d, "ggml-cpu implements it for F32 input only") for op in _F32_ONLY for d in (DType.F16, DType.BF16)],
     ("rope", DType.BF16, "ggml-cpu rope supports F32/F16 only"),
+    ("scale", DType.F16, "ggml-cpu scale supports F32/BF16 only"),
+    ("clamp", DType.BF16, "ggml-cpu clamp supports F32/F16 only"),
     *[(op, DType.Q8_0, "no element-wise kernels for quantized tensors")
       for op in ("add", "mul", "sqr", "silu", "repeat", "pad")],
 ]
 
 
-@pytest.mark.parametrize("op,dtype", [pytest.param(op, d, marks=skip(f"{op} {d.name}: {why} (aborts)"),
-                                                   id=f"{op}-{d.name}") for op, d, why in UNSUPPORTED])
-def test_unsupported_type_combinations(ctx: GgmlContext, op: str, dtype: DType) -> None:
-    """Never runs (see UNSUPPORTED): computing any of these would abort the test process."""
+@pytest.mark.parametrize("op,dtype", [pytest.param(op, d, id=f"{op}-{d.name}") for op, d, _ in UNSUPPORTED])
+def test_unsupported_type_combinations_are_refused(ctx: GgmlContext, op: str, dtype: DType) -> None:
+    """Each combination ggml-cpu would abort on raises GgmlError when the op is built (see UNSUPPORTED)."""
     t = ctx.from_numpy(randn(rng(15), 4, 64), dtype)
     args: dict[str, tuple[Any, ...]] = {
         "rms_norm": (1e-5,), "layer_norm": (1e-5,), "top_k": (2,), "pad": (1,), "add": (t,), "mul": (t,),
         "repeat": (t,), "im2col": (ctx.zeros(DType.F16, 3, 3, 1, 1), 1, 1, 0, 0),
-        "rope": (ctx.from_numpy(np.zeros(4, np.int32)), 64, 10000.0),
+        "rope": (ctx.from_numpy(np.zeros(4, np.int32)), 64, 10000.0), "scale": (0.5,), "clamp": (-1.0, 1.0),
     }
-    run(ctx, getattr(t, op)(ctx, *args.get(op, ())))
+    with pytest.raises(GgmlError, match={"layer_norm": "norm", "softmax": "soft_max"}.get(op, op)):
+        run(ctx, getattr(t, op)(ctx, *args.get(op, ())))

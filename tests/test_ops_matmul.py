@@ -8,7 +8,7 @@ import pytest
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import quantize
 
-from ggml import Runtime, RuntimeOptions
+from ggml import GgmlError, Runtime, RuntimeOptions
 from ggml.context import GgmlContext
 from ml.dtype import DType
 from test_ops_common import (ALL_TYPES, FLOAT_TYPES, MATMUL_NMSE, QUANT_NMSE, QUANT_TYPES, check, ctx, dequant,
@@ -90,9 +90,7 @@ def test_matmul_permuted_activations(ctx: GgmlContext, dtype: DType) -> None:
 
 
 @pytest.mark.parametrize("dtype", [
-    DType.F16,
-    pytest.param(DType.F32, marks=skip("ggml-cpu: b must be F32 or the weight's dot type; the scheduler aborts")),
-    pytest.param(DType.Q8_0, marks=skip("ggml-cpu: b must be F32 or the weight's dot type; the scheduler aborts")),
+    DType.F16,  # F32 and Q8_0 weights with F16 b abort ggml-cpu: refused, see test_matmul_b_type_is_checked
 ], ids=lambda d: d.name)
 def test_matmul_f16_activations(ctx: GgmlContext, dtype: DType) -> None:
     """b stored as F16 (the F16 weight's dot type), as K x Q with an F16 cache."""
@@ -256,8 +254,6 @@ CASTS = [
     (DType.BF16, DType.F32), (DType.BF16, DType.F16), (DType.BF16, DType.Q4_0),
     *[(q, DType.F32) for q in QUANT_TYPES],
     (DType.F32, DType.I32), (DType.I32, DType.F32),
-    pytest.param(DType.Q8_0, DType.F16, marks=skip("ggml-cpu converts quantized sources to F32 only (aborts)")),
-    pytest.param(DType.Q4_0, DType.Q8_0, marks=skip("ggml-cpu has no quantized-to-quantized copy (aborts)")),
 ]
 
 
@@ -283,3 +279,21 @@ def test_cast(ctx: GgmlContext, src_type: DType, dst_type: DType) -> None:
         check(got, src_values, 1e-12, f"cast {src_type.name}->{dst_type.name}")
     else:
         _quant_check(got, src_values.astype(np.float32), dst_type, f"cast {src_type.name}->{dst_type.name}")
+
+
+@pytest.mark.parametrize("dtype", [DType.F32, DType.Q8_0], ids=lambda d: d.name)
+def test_matmul_b_type_is_checked(ctx: GgmlContext, dtype: DType) -> None:
+    """b must be F32 or the weight's own dot type; ggml-cpu's scheduler would abort the process otherwise."""
+    g = rng(31)
+    w = ctx.from_numpy(randn(g, 2, 7, 64), dtype)
+    with pytest.raises(GgmlError, match="mul_mat"):
+        w.matmul(ctx, ctx.from_numpy(randn(g, 2, 5, 64), DType.F16))
+
+
+@pytest.mark.parametrize("src_type,dst_type", [(DType.Q8_0, DType.F16), (DType.Q4_0, DType.Q8_0)],
+                         ids=lambda d: d.name)
+def test_quantized_cast_to_other_than_f32_is_refused(ctx: GgmlContext, src_type: DType, dst_type: DType) -> None:
+    """ggml-cpu only dequantizes to F32 and has no quantized-to-quantized copy (both abort the process)."""
+    a = ctx.from_numpy(randn(rng(29), 3, 64), src_type)
+    with pytest.raises(GgmlError, match="cpy"):
+        a.cast(ctx, dst_type)
