@@ -25,6 +25,7 @@ class Loaded:
     def __init__(self, path: str, threads: int, progress: Any = None, n_gpu_layers: int = 0, main_gpu: int = 0,
                  tensor_split: tuple[float, ...] = (), flash: bool = False, fast_kernels: bool = False) -> None:
         from ggml import RuntimeOptions, load_backend
+        from ml.errors import ModelLoadError
         from models import load_model, widened_types
         from models.tokenizer import tokenizer_from_metadata
         opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, main_gpu=main_gpu,
@@ -32,7 +33,11 @@ class Loaded:
         self.backend = load_backend(path, opts, progress, widen=widened_types)
         try:
             self.model = load_model(self.backend)
-            self.tokenizer = tokenizer_from_metadata(self.backend.metadata)
+            try:
+                self.tokenizer = tokenizer_from_metadata(self.backend.metadata)
+            except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as e:
+                # Everything the tokenizer is built from is file metadata: a bad value is a bad file.
+                raise ModelLoadError(f"invalid tokenizer metadata: {type(e).__name__}: {e}") from e
         except BaseException:
             self.backend.close()
             raise

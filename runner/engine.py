@@ -150,7 +150,8 @@ class Engine:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=10)
         if self.cache is not None:
             self.cache.close()
 

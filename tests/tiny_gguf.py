@@ -162,9 +162,11 @@ def _vocab(spec: TinySpec, writer: gguf.GGUFWriter) -> None:
 
 def write_gguf(path: str | Path, spec: TinySpec, tensors: dict[str, np.ndarray] | None = None, *, seed: int = 0,
                drop: tuple[str, ...] = (), add: dict[str, np.ndarray] | None = None,
-               arch: str | None = None) -> dict[str, np.ndarray]:
+               arch: str | None = None,
+               types: dict[str, gguf.GGMLQuantizationType] | None = None) -> dict[str, np.ndarray]:
     """Write a tiny GGUF; returns the tensors written (name -> numpy array). `drop` removes tensors, `add` adds
-    or replaces some, `arch` overrides general.architecture (the metadata keys keep the spec's prefix)."""
+    or replaces some, `arch` overrides general.architecture (the metadata keys keep the spec's prefix), `types`
+    stores some tensors in another ggml type (F16, BF16 or a quantized type) instead of F32."""
     s = spec
     w = dict(tensors) if tensors is not None else make_weights(s, seed)
     for name in drop:
@@ -207,7 +209,12 @@ def write_gguf(path: str | Path, spec: TinySpec, tensors: dict[str, np.ndarray] 
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     _vocab(s, writer)
     for name, arr in w.items():
-        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        data = np.ascontiguousarray(arr, dtype=np.float32)
+        qtype = (types or {}).get(name, gguf.GGMLQuantizationType.F32)
+        if qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, data)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
