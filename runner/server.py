@@ -4,8 +4,12 @@ so it answers at once in every state, whatever a client sends."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
+import multiprocessing
 import threading
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -18,7 +22,7 @@ from starlette.routing import Route
 
 from runner.engine import Engine, Event
 from runner.errors import RequestError
-from runner.protocol import Dialect, decode_completion, decode_embedding
+from runner.protocol import CompletionRequest, Dialect, decode_completion, decode_embedding
 from runner.responses import (ERROR_HEADERS, JSON_CONTENT_TYPE, ServerStatus, encode_chunk, encode_embedding,
                               encode_final, encode_health, error_body)
 
@@ -30,6 +34,20 @@ T = TypeVar("T")
 MAX_BODY_BYTES = 64 << 20
 # Bodies up to this size are decoded on the event loop (microseconds); larger ones on a worker thread.
 _INLINE_DECODE_BYTES = 64 << 10
+# Python's JSON scanner holds the GIL while it builds a long array, so a body of a million small objects would
+# stall every thread for a third of a second at a time. Bodies that may hold more JSON containers than this
+# (counting brackets, strings included: an upper bound) are decoded in a helper process instead; no request
+# Ollama sends comes near it.
+_THREAD_DECODE_CONTAINERS = 20_000
+
+
+def _may_hold_many_containers(body: bytes) -> bool:
+    return body.count(b"{") + body.count(b"[") > _THREAD_DECODE_CONTAINERS
+
+
+def decode_completion_body(dialect: Dialect, body: bytes) -> CompletionRequest:
+    """decode_completion with the arguments in the order a process pool can call it with."""
+    return decode_completion(body, dialect)
 
 
 class BodyTooLarge(Exception):
@@ -70,7 +88,28 @@ def _error(status: int, message: str) -> Response:
     return Response(error_body(message), status_code=status, headers=ERROR_HEADERS)
 
 
+class DecoderPool:
+    """One helper process, started on first use, for the bodies that would hold the GIL too long."""
+
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+            return self._pool
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
+
+
 def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
+    decoders = DecoderPool()
     async def health(_: Request) -> Response:
         status = state.status
         if state.engine is not None and state.engine.health_error():
@@ -111,13 +150,15 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
         try:
             if len(body) <= _INLINE_DECODE_BYTES:
                 return decode(body)
+            if _may_hold_many_containers(body):
+                return await asyncio.get_running_loop().run_in_executor(decoders.get(), decode, body)
             return await anyio.to_thread.run_sync(decode, body)
         except RequestError as e:
             log.warning("bad %s request: %s", request.url.path, e)
             return _error(400, "Bad request")
 
     async def completion(request: Request) -> Response:
-        req = await receive(request, lambda body: decode_completion(body, dialect))
+        req = await receive(request, functools.partial(decode_completion_body, dialect))
         if isinstance(req, Response):
             return req
         not_ready = await wait_ready()
@@ -180,6 +221,11 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
 
     routes = [Route("/health", health, methods=["GET"]), Route("/completion", completion, methods=["POST"]),
               Route("/embedding", embedding, methods=["POST"])]
-    app = Starlette(routes=routes)
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        decoders.close()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
     app.router.redirect_slashes = False  # `/completion/` is not ours: 404, as Go's mux answers, not a 307
     return app
