@@ -161,6 +161,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             out = _outcome(ev)
             return _json(shapes.completion_final(text, out, model_name(d), echo, settings(d, engine)))
         first = await _first(gen, request)
+        n_prompt = len(tokens) if tokens is not None else len(engine.tokenizer.encode(prompt))
 
         async def stream() -> AsyncIterator[bytes]:
             n = 0
@@ -170,7 +171,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                     return
                 if ev.text:
                     n += 1
-                    yield shapes.sse(shapes.completion_partial(ev.text, n, 0))
+                    yield shapes.sse(shapes.completion_partial(ev.text, n, n_prompt))
                 if ev.done is not None:
                     yield shapes.sse(shapes.completion_final("", _outcome(ev), model_name(d), echo,
                                                              settings(d, engine)))
