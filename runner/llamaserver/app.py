@@ -100,6 +100,9 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                 return _error(e.status, e.message)
             except (RequestError, TemplateError) as e:
                 return _error(400, str(e))
+            except Exception as e:  # a bug or an engine failure answers this request only
+                log.exception("%s failed", path)
+                return _error(500, f"{type(e).__name__}: {e}")
         return Route(path, endpoint, methods=["POST"])
 
     def get(path: str, handler: Callable[[Engine], Response]) -> Route:

@@ -31,22 +31,24 @@ class Generation:
     def cancel(self) -> None:
         self._seq.cancel()
 
-    async def first(self, request: Request) -> Event | None:
-        """The first event, or None if the client disconnects before it comes (then the sequence is cancelled).
-        Raises EngineError when that first event is a failure."""
+    async def next(self, request: Request) -> Event | None:
+        """The next event, or None if the client disconnects first (the sequence is then cancelled)."""
         getter = asyncio.ensure_future(self._queue.get())
         try:
             while True:
                 done, _ = await asyncio.wait({getter}, timeout=0.1)
                 if done:
-                    ev = getter.result()
-                    break
+                    return getter.result()
                 if await request.is_disconnected():
                     self.cancel()
                     return None
         finally:
-            getter.cancel()
-        if ev.error is not None:
+            getter.cancel()  # a no-op when it finished
+
+    async def first(self, request: Request) -> Event | None:
+        """The first event (None if the client went away). Raises EngineError when it is a failure."""
+        ev = await self.next(request)
+        if ev is not None and ev.error is not None:
             raise EngineError(ev.error)
         return ev
 
@@ -64,15 +66,16 @@ class Generation:
 
 
 async def collect(gen: Generation, request: Request) -> tuple[str, Event] | None:
-    """The whole text and the final event, or None if the client went away. Raises EngineError."""
-    first = await gen.first(request)
-    if first is None:
-        return None
+    """The whole text and the final event, or None if the client went away (the sequence is then cancelled, so
+    an abandoned non-streaming request stops generating). Raises EngineError."""
     parts: list[str] = []
-    final = first
-    async for ev in gen.events(first):
+    while True:
+        ev = await gen.next(request)
+        if ev is None:
+            return None
+        if ev.error is not None:
+            gen.cancel()
+            raise EngineError(ev.error)
         parts.append(ev.text)
-        final = ev
-    if final.error is not None:
-        raise EngineError(final.error)
-    return "".join(parts), final
+        if ev.done is not None:
+            return "".join(parts), ev
