@@ -10,6 +10,7 @@ from typing import Any, cast
 import pytest
 from starlette.testclient import TestClient
 from test_tokenizer_gguf import read_metadata
+from test_tokenizer_vocab import load_tokenizer
 
 from runner.errors import RequestError
 from runner.llamaserver import shapes
@@ -17,7 +18,7 @@ from runner.llamaserver.app import ServeState, build_app
 from runner.llamaserver.decode import decode_completion, decode_prompt, parse_body
 from runner.llamaserver.flags import parse_serve_args
 from runner.llamaserver.main import invoked_as_llama_server
-from runner.llamaserver.template import ChatTemplate, TemplateError, normalize_messages
+from runner.llamaserver.template import ChatTemplate, TemplateError, chat_prompt, normalize_messages
 from runner.responses import DoneReason, Metrics
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -112,6 +113,19 @@ def test_template_globals_and_errors() -> None:
                 [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:"}}]}]]:
         with pytest.raises(ValueError):
             normalize_messages(bad)
+
+
+def test_template_bos_is_not_doubled(gemma3_path: Path, smollm2_path: Path, smol_template: ChatTemplate) -> None:
+    tok = load_tokenizer(gemma3_path)  # adds <bos> (id 2) when tokenizing with add_special
+    t = ChatTemplate("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                     "<end_of_turn>\n{% endfor %}<start_of_turn>model\n", bos_token="<bos>", eos_token="<eos>")
+    text = t.render([{"role": "user", "content": "Hi"}])
+    prompt, ids = chat_prompt(text, t, tok)
+    assert prompt == "" and ids is not None and ids[0] == 2 and ids.count(2) == 1
+    assert list(ids) == tok.encode(text, add_special=False)
+    # SmolLM2's BOS is <|im_start|>, which its prompts start with, but it adds no BOS: the text goes as it is
+    smol = CONVERSATIONS[0][1]
+    assert chat_prompt(smol, smol_template, load_tokenizer(smollm2_path)) == (smol, None)
 
 
 # ---- request decoding ----------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from runner.errors import RequestError
 from runner.llamaserver import shapes
 from runner.llamaserver.decode import Decoded, decode_completion, decode_prompt, parse_body
 from runner.llamaserver.generate import EngineError, Generation, collect
-from runner.llamaserver.template import ChatTemplate, TemplateError, normalize_messages
+from runner.llamaserver.template import ChatTemplate, TemplateError, chat_prompt, normalize_messages
 from runner.responses import DoneReason, Metrics
 
 log = logging.getLogger(__name__)
@@ -219,13 +219,6 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
         return state.template.render(messages, add_generation_prompt=add_gen is not False,
                                      tools=tools if isinstance(tools, list) else None)
 
-    def chat_prompt(engine: Engine, text: str) -> tuple[str, tuple[int, ...] | None]:
-        # A template that writes the BOS itself must not get a second one from tokenization.
-        bos = state.template.bos_token if state.template is not None else ""
-        if bos and text.startswith(bos) and engine.tokenizer.add_bos:
-            return "", tuple(engine.tokenizer.encode(text, add_special=False, parse_special=True))
-        return text, None
-
     async def apply_template(_: Request, body: dict[str, Any], engine: Engine) -> Response:
         try:
             return _json({"prompt": render(body)})
@@ -234,7 +227,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
 
     async def chat(request: Request, body: dict[str, Any], engine: Engine) -> Response:
         try:
-            prompt, tokens = chat_prompt(engine, render(body))
+            prompt, tokens = chat_prompt(render(body), state.template, engine.tokenizer)
         except ValueError as e:  # bad messages, or the template refused them
             raise HttpError(400, str(e)) from None
         d = capped(decode_completion(body, prompt, tokens, state.keep), engine)

@@ -92,3 +92,12 @@ def normalize_messages(raw: object) -> list[dict[str, Any]]:
             raise ValueError(f"messages[{i}].content must be a string, an array of parts or null")
         out.append({**msg, "content": content})
     return out
+
+
+def chat_prompt(text: str, template: ChatTemplate | None, tokenizer: Any) -> tuple[str, tuple[int, ...] | None]:
+    """What the engine gets for a rendered conversation: the text, or its tokens when the template already wrote
+    the BOS that tokenization would add again (Gemma's and Llama 3's templates start with `{{ bos_token }}`)."""
+    bos = template.bos_token if template is not None else ""
+    if bos and text.startswith(bos) and tokenizer.add_bos:
+        return "", tuple(tokenizer.encode(text, add_special=False, parse_special=True))
+    return text, None
