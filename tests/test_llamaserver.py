@@ -149,7 +149,8 @@ def test_greedy_completion_equals_p3_runner(smol: Server) -> None:
             assert res["timings"]["predicted_n"] == 20 and res["prompt"] == PROMPT
         # n_predict 0 generates nothing
         res = c.post("/completion", json=_greedy(prompt=PROMPT, n_predict=0)).json()
-        assert (res["content"], res["stop_type"], res["tokens_evaluated"], res["tokens_predicted"]) == ("", "limit", 5, 0)
+        assert (res["content"], res["stop_type"], res["tokens_evaluated"], res["tokens_predicted"]) == (
+            "", "limit", 5, 0)
         r = c.post("/v1/completions", json=_greedy(prompt=PROMPT, max_tokens=20))
         assert r.json()["choices"][0]["text"] == EXPECTED_20
         assert r.json()["choices"][0]["finish_reason"] == "length"
