@@ -62,6 +62,15 @@ def test_flag_forms() -> None:
     assert inline.chat_template == "{{ messages[0].content }}" and not inline.chat_template_name
 
 
+def test_flags_beyond_ollamas() -> None:
+    cfg, unknown = parse_serve_args(["-m", "a", "--api-key", "k", "-n", "64", "--chat-template-kwargs",
+                                     '{"enable_thinking": false}', "-ub", "512", "--no-cont-batching"])
+    assert (cfg.api_key, cfg.n_predict, cfg.chat_template_kwargs) == ("k", 64, '{"enable_thinking": false}')
+    assert unknown == ("-ub", "512")  # --no-cont-batching is known (always on here)
+    with pytest.raises(ValueError, match="--chat-template-kwargs"):
+        parse_serve_args(["-m", "a", "--chat-template-kwargs", "[1]"])
+
+
 def test_flag_errors(tmp_path: Path) -> None:
     for argv, message in [([], "--model is required"), (["-m", "a", "-c", "x"], "invalid value 'x' for -c"),
                           (["-m", "a", "--port"], "flag needs an argument: --port"),
@@ -274,6 +283,37 @@ def test_loading_answers_503() -> None:
             assert r.headers["content-type"] == "application/json; charset=utf-8"
         state.engine = cast(Any, _FakeEngine())
         assert (c.get("/health").status_code, c.get("/health").content) == (200, b'{"status":"ok"}')
+
+
+def test_api_key() -> None:
+    state = ServeState(model_path="/m.gguf", model_name="m", engine=cast(Any, _FakeEngine()), api_key="sesame")
+    with TestClient(build_app(state)) as c:
+        r = c.post("/tokenize", json={"content": "a"})
+        assert (r.status_code, r.content) == (
+            401, b'{"error":{"code":401,"message":"Invalid API Key","type":"authentication_error"}}')
+        assert c.post("/tokenize", json={"content": "a"}, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert c.post("/tokenize", json={"content": "a"}, headers={"Authorization": "Bearer sesame"}).json() == {
+            "tokens": [11]}
+        assert c.get("/props").status_code == 401
+        assert c.get("/health").status_code == 200  # public, as in llama-server
+
+
+def test_template_kwargs_and_failures() -> None:
+    template = ChatTemplate("{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+                            "{{ messages[0]['content'] }}|{{ enable_thinking }}|{{ add_generation_prompt }}")
+    state = ServeState(model_path="/m.gguf", model_name="m", engine=cast(Any, _FakeEngine()), template=template,
+                       template_kwargs={"enable_thinking": True})
+    user = [{"role": "user", "content": "x"}]
+    with TestClient(build_app(state)) as c:
+        assert c.post("/apply-template", json={"messages": user}).json() == {"prompt": "x|True|True"}
+        r = c.post("/apply-template", json={"messages": user, "chat_template_kwargs": {"enable_thinking": False,
+                                                                                      "messages": "ignored"}})
+        assert r.json() == {"prompt": "x|False|True"}  # the request's kwargs win, the reserved names stay ours
+        r = c.post("/apply-template", json={"messages": [{"role": "system", "content": "s"}]})
+        assert (r.status_code, r.json()["error"]["message"]) == (400, "user first")
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "system", "content": "s"}]})
+        assert (r.status_code, r.json()["error"]["type"]) == (400, "invalid_request_error")
+        assert c.post("/apply-template", json={"messages": user, "chat_template_kwargs": 1}).status_code == 400
 
 
 def test_request_errors() -> None:

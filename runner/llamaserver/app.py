@@ -26,7 +26,7 @@ from runner.errors import RequestError
 from runner.llamaserver import shapes
 from runner.llamaserver.decode import Decoded, decode_completion, decode_prompt, parse_body
 from runner.llamaserver.generate import EngineError, Generation, collect
-from runner.llamaserver.template import ChatTemplate, TemplateError, chat_prompt, normalize_messages
+from runner.llamaserver.template import RESERVED, ChatTemplate, TemplateError, chat_prompt, normalize_messages
 from runner.responses import DoneReason, Metrics
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,9 @@ class ServeState:
     model_name: str
     n_ctx_slot_cap: bool = True  # no context shift: an unlimited request stops when its slot is full
     keep: int = 0
+    n_predict: int = -1
+    api_key: str = ""
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
     engine: Engine | None = None
     template: ChatTemplate | None = None
     meta: dict[str, int] = field(default_factory=dict)  # n_vocab, n_ctx_train, n_embd for /v1/models
@@ -88,9 +91,17 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             raise HttpError(503, "Loading model")
         return state.engine
 
+    def authorize(request: Request) -> None:
+        if not state.api_key:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given or request.headers.get("x-api-key", ""), state.api_key):
+            raise HttpError(401, "Invalid API Key")
+
     def route(path: str, handler: Handler) -> Route:
         async def endpoint(request: Request) -> Response:
             try:
+                authorize(request)
                 engine = ready()
                 body = await _body(request, max_body)
                 return await handler(request, body, engine)
@@ -105,9 +116,11 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                 return _error(500, f"{type(e).__name__}: {e}")
         return Route(path, endpoint, methods=["POST"])
 
-    def get(path: str, handler: Callable[[Engine], Response]) -> Route:
-        async def endpoint(_: Request) -> Response:
+    def get(path: str, handler: Callable[[Engine], Response], public: bool = False) -> Route:
+        async def endpoint(request: Request) -> Response:
             try:
+                if not public:
+                    authorize(request)
                 return handler(ready())
             except HttpError as e:
                 return _error(e.status, e.message)
@@ -152,7 +165,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
         if "prompt" not in body:
             raise HttpError(400, "'prompt' is required")
         prompt, tokens = decode_prompt(body["prompt"], engine.tokenizer)
-        d = capped(decode_completion(body, prompt, tokens, state.keep), engine)
+        d = capped(decode_completion(body, prompt, tokens, state.keep, state.n_predict), engine)
         echo = prompt if tokens is None else engine.tokenizer.decode(tokens)
         if d.n_predict == 0:
             out = empty_outcome(engine, d)
@@ -184,7 +197,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
         if "prompt" not in body:
             raise HttpError(400, "'prompt' is required")
         prompt, tokens = decode_prompt(body["prompt"], engine.tokenizer)
-        d = capped(decode_completion(body, prompt, tokens, state.keep), engine)
+        d = capped(decode_completion(body, prompt, tokens, state.keep, state.n_predict), engine)
         cid, created, model = "cmpl-" + secrets.token_hex(16), int(time.time()), model_name(d)
         if d.n_predict == 0:
             m = empty_outcome(engine, d).metrics
@@ -216,8 +229,12 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
         messages = normalize_messages(body.get("messages"))
         tools = body.get("tools")
         add_gen = body.get("add_generation_prompt", True)
+        extra = body.get("chat_template_kwargs")
+        if extra is not None and not isinstance(extra, dict):
+            raise HttpError(400, "'chat_template_kwargs' must be an object")
+        kwargs = {k: v for k, v in {**state.template_kwargs, **(extra or {})}.items() if k not in RESERVED}
         return state.template.render(messages, add_generation_prompt=add_gen is not False,
-                                     tools=tools if isinstance(tools, list) else None)
+                                     tools=tools if isinstance(tools, list) else None, **kwargs)
 
     async def apply_template(_: Request, body: dict[str, Any], engine: Engine) -> Response:
         try:
@@ -230,7 +247,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             prompt, tokens = chat_prompt(render(body), state.template, engine.tokenizer)
         except ValueError as e:  # bad messages, or the template refused them
             raise HttpError(400, str(e)) from None
-        d = capped(decode_completion(body, prompt, tokens, state.keep), engine)
+        d = capped(decode_completion(body, prompt, tokens, state.keep, state.n_predict), engine)
         cid, created, model = "chatcmpl-" + secrets.token_hex(16), int(time.time()), model_name(d)
         if d.n_predict == 0:
             out = empty_outcome(engine, d)
@@ -355,9 +372,9 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
               route("/v1/completions", oai_completion), route("/v1/chat/completions", chat),
               route("/chat/completions", chat), route("/apply-template", apply_template),
               route("/tokenize", tokenize), route("/detokenize", detokenize),
-              route("/v1/embeddings", oai_embeddings), route("/embeddings", oai_embeddings),
-              route("/embedding", native_embedding), get("/v1/models", models), get("/models", models),
-              get("/props", props)]
+              route("/v1/embeddings", oai_embeddings), route("/embeddings", native_embedding),
+              route("/embedding", native_embedding), get("/v1/models", models, public=True),
+              get("/models", models, public=True), get("/props", props)]
     return Starlette(routes=routes)
 
 

@@ -135,9 +135,10 @@ def decode_prompt(value: object, tokenizer: Any) -> tuple[str, tuple[int, ...] |
 
 
 def decode_completion(doc: Mapping[str, Any], prompt: str, tokens: tuple[int, ...] | None,
-                      default_keep: int = 0) -> Decoded:
-    """The generation settings of any completion route, with the prompt already resolved."""
-    n_predict = _int(doc, "max_tokens", -1)
+                      default_keep: int = 0, default_n_predict: int = -1) -> Decoded:
+    """The generation settings of any completion route, with the prompt already resolved; the defaults of n_keep
+    and n_predict come from --keep and -n."""
+    n_predict = _int(doc, "max_tokens", default_n_predict)
     n_predict = _int(doc, "max_completion_tokens", n_predict)
     n_predict = _int(doc, "n_predict", n_predict)
     seed = _int(doc, "seed", -1)

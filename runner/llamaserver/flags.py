@@ -9,6 +9,7 @@ know is returned for the caller to log, never fatal, so a newer Ollama passing a
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -23,7 +24,9 @@ _VALUE_FLAGS: Final[dict[str, tuple[str, ...]]] = {
     "cache_type_v": ("-ctv", "--cache-type-v"), "mmproj": ("-mm", "--mmproj"), "keep": ("--keep",),
     "chat_template": ("--chat-template",), "chat_template_file": ("--chat-template-file",),
     "batch_size": ("-b", "--batch-size"), "alias": ("-a", "--alias"), "main_gpu": ("-mg", "--main-gpu"),
-    "tensor_split": ("-ts", "--tensor-split"),
+    "tensor_split": ("-ts", "--tensor-split"), "api_key": ("--api-key",),
+    "n_predict": ("-n", "--predict", "--n-predict"),
+    "chat_template_kwargs": ("--chat-template-kwargs",),
 }
 # flags that take no value (or, for --flash-attn, an optional one)
 _BOOL_FLAGS: Final[dict[str, tuple[str, ...]]] = {
@@ -68,6 +71,9 @@ class ServeConfig:
     chat_template_name: str = ""  # a built-in template name we do not have (logged, the GGUF's is used)
     context_shift: bool = False
     alias: str = ""
+    api_key: str = ""  # when set, every route but /health and /v1/models needs `Authorization: Bearer <key>`
+    n_predict: int = -1  # a request's default n_predict
+    chat_template_kwargs: str = ""  # a JSON object of extra template variables (e.g. {"enable_thinking": false})
     verbose: bool = False
     ignored: tuple[str, ...] = field(default=())  # flags accepted without effect, for the log
 
@@ -155,7 +161,9 @@ def parse_serve_args(argv: Sequence[str], cpu_count: int | None = None) -> tuple
         flash_attn=flash, mmproj=values.get("mmproj", ""), keep=_int("--keep", values.get("keep", "0")),
         jinja="no_jinja" not in bools, chat_template=template, chat_template_name=template_name,
         context_shift="context_shift" in bools and "no_context_shift" not in bools,
-        alias=values.get("alias", ""), verbose="verbose" in bools, ignored=tuple(ignored))
+        alias=values.get("alias", ""), api_key=values.get("api_key", ""),
+        n_predict=_int("-n", values.get("n_predict", "-1")),
+        chat_template_kwargs=values.get("chat_template_kwargs", ""), verbose="verbose" in bools, ignored=tuple(ignored))
     _validate(config)
     return config, tuple(unknown)
 
@@ -166,7 +174,21 @@ def _gpu_layers(text: str) -> int:
     return _int("-ngl", text)
 
 
+def template_kwargs(text: str) -> dict[str, object]:
+    """The --chat-template-kwargs object ({} when empty). Raises ValueError when it is not a JSON object."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise ValueError(f"invalid value {text!r} for --chat-template-kwargs: expected a JSON object")
+    return value
+
+
 def _validate(c: ServeConfig) -> None:
+    template_kwargs(c.chat_template_kwargs)
     if c.parallel < 1:
         raise ValueError(f"invalid value {c.parallel} for -np: must be at least 1")
     if c.ctx_size < 0:

@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from runner.llamaserver.flags import ServeConfig, parse_serve_args
+from runner.llamaserver.flags import ServeConfig, parse_serve_args, template_kwargs
 
 log = logging.getLogger("llama-server")
 
@@ -86,7 +86,9 @@ def run_serve(argv: Sequence[str]) -> int:
                         format="time=%(asctime)s level=%(levelname)s source=%(name)s msg=\"%(message)s\"")
     _log_flags(cfg, unknown)
     name = cfg.alias or os.path.basename(cfg.model)
-    state = ServeState(model_path=cfg.model, model_name=name, n_ctx_slot_cap=not cfg.context_shift, keep=cfg.keep)
+    state = ServeState(model_path=cfg.model, model_name=name, n_ctx_slot_cap=not cfg.context_shift, keep=cfg.keep,
+                       n_predict=cfg.n_predict, api_key=cfg.api_key,
+                       template_kwargs=template_kwargs(cfg.chat_template_kwargs))
     threading.Thread(target=_load, args=(cfg, state), name="model-load", daemon=True).start()
     uvicorn.run(build_app(state), host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
     return 0

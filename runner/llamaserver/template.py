@@ -23,6 +23,10 @@ CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['ro
                    "{% endif %}")
 
 
+# variables the renderer sets itself; chat_template_kwargs cannot override them
+RESERVED = frozenset({"messages", "add_generation_prompt", "tools", "bos_token", "eos_token"})
+
+
 class TemplateError(ValueError):
     """The template could not be compiled or rendered for these messages."""
 
