@@ -190,6 +190,18 @@ def test_stop_word(smol: Server) -> None:
     assert (res["content"], res["stop_type"], res["stopping_word"]) == (" Paris.", "word", "\n")
 
 
+def test_context_limits_without_context_shift(smol: Server) -> None:
+    """Without --context-shift (Ollama passes it only when asked): a prompt that fills the 512-token slot is a 400,
+    and a generation ends when the slot is full."""
+    with smol.client() as c:
+        too_long = list(range(1000, 1512))
+        r = c.post("/completion", json={"prompt": too_long, "n_predict": 4})
+        assert (r.status_code, r.json()["error"]["type"]) == (400, "exceed_context_size_error")
+        res = c.post("/completion", json=_greedy(prompt=too_long[:504], n_predict=-1)).json()
+    assert res["tokens_evaluated"] == 504 and res["tokens_predicted"] <= 8
+    assert res["stop_type"] == "eos" or res["tokens_predicted"] == 8
+
+
 def test_openai_completions_stream(smol: Server) -> None:
     with smol.client() as c:
         _, events = _stream(c, "/v1/completions", _greedy(prompt=PROMPT, max_tokens=20, stream=True))

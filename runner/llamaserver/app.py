@@ -51,17 +51,17 @@ class ServeState:
 
 
 class HttpError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, kind: str = "") -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.kind = status, message, kind
 
 
 def _json(obj: Any, status: int = 200) -> Response:
     return Response(shapes.dumps(obj), status_code=status, media_type=shapes.JSON_CONTENT_TYPE)
 
 
-def _error(status: int, message: str) -> Response:
-    return _json(shapes.error_object(status, message), status)
+def _error(status: int, message: str, kind: str = "") -> Response:
+    return _json(shapes.error_object(status, message, kind), status)
 
 
 async def _body(request: Request, limit: int) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             except HttpError as e:
                 if e.status >= 500:
                     log.warning("%s: %s", path, e.message)
-                return _error(e.status, e.message)
+                return _error(e.status, e.message, e.kind)
             except (RequestError, TemplateError) as e:
                 return _error(400, str(e))
             except Exception as e:  # a bug or an engine failure answers this request only
@@ -145,30 +145,40 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                 "frequency_penalty": s.frequency_penalty, "stop": list(r.stop), "max_tokens": d.n_predict,
                 "n_predict": d.n_predict, "n_keep": r.num_keep, "stream": d.stream, "grammar": r.grammar}
 
-    def capped(d: Decoded, engine: Engine) -> Decoded:
-        # Without --context-shift llama-server ends a generation when the slot is full; the engine would shift
-        # forever, so an unlimited request is capped at the slot size.
-        if d.request.num_predict > 0 or not state.n_ctx_slot_cap:
+    async def prepare(body: dict[str, Any], engine: Engine, prompt: str, tokens: tuple[int, ...] | None) -> Decoded:
+        """The request with its prompt tokenized (off the event loop, so /health never waits on a long prompt).
+        Without --context-shift llama-server refuses a prompt that fills the slot and ends a generation when the
+        slot is full; the engine would truncate and shift, so the request is checked and capped here."""
+        if tokens is None:
+            tokens = tuple(await asyncio.to_thread(engine.tokenizer.encode, prompt, True, True))
+        if not tokens:
+            raise HttpError(400, "the prompt is empty")
+        d = decode_completion(body, prompt, tokens, state.keep, state.n_predict)
+        if not state.n_ctx_slot_cap:
             return d
-        return replace(d, request=replace(d.request, num_predict=engine.n_ctx_slot))
+        room = engine.n_ctx_slot - len(tokens)
+        if room <= 0:
+            raise HttpError(400, f"the request exceeds the available context size: {len(tokens)} prompt tokens, "
+                                 f"{engine.n_ctx_slot} per slot", "exceed_context_size_error")
+        if 0 < d.request.num_predict <= room:
+            return d
+        return replace(d, request=replace(d.request, num_predict=room))
 
     def model_name(d: Decoded) -> str:
         return d.model or state.model_name
 
-    def empty_outcome(engine: Engine, d: Decoded) -> shapes.Outcome:
+    def empty_outcome(d: Decoded) -> shapes.Outcome:
         """n_predict 0: nothing is generated (llama-server would still fill the cache; we answer at once)."""
-        r = d.request
-        n = len(r.tokens) if r.tokens is not None else len(engine.tokenizer.encode(r.prompt))
-        return shapes.Outcome(DoneReason.LENGTH, Metrics(prompt_eval_count=n))
+        return shapes.Outcome(DoneReason.LENGTH, Metrics(prompt_eval_count=len(d.request.tokens or ())))
 
     async def native_completion(request: Request, body: dict[str, Any], engine: Engine) -> Response:
         if "prompt" not in body:
             raise HttpError(400, "'prompt' is required")
-        prompt, tokens = decode_prompt(body["prompt"], engine.tokenizer)
-        d = capped(decode_completion(body, prompt, tokens, state.keep, state.n_predict), engine)
-        echo = prompt if tokens is None else engine.tokenizer.decode(tokens)
+        prompt, tokens = await asyncio.to_thread(decode_prompt, body["prompt"], engine.tokenizer)
+        echo = prompt if tokens is None else await asyncio.to_thread(engine.tokenizer.decode, tokens)
+        d = await prepare(body, engine, prompt, tokens)
         if d.n_predict == 0:
-            out = empty_outcome(engine, d)
+            out = empty_outcome(d)
             final = shapes.completion_final("", out, model_name(d), echo, settings(d, engine))
             return _sse_once(final) if d.stream else _json(final)
         gen = Generation(engine, d.request)
@@ -177,7 +187,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             out = _outcome(ev)
             return _json(shapes.completion_final(text, out, model_name(d), echo, settings(d, engine)))
         first = await _first(gen, request)
-        n_prompt = len(tokens) if tokens is not None else len(engine.tokenizer.encode(prompt))
+        n_prompt = gen.n_prompt
 
         async def stream() -> AsyncIterator[bytes]:
             n = 0
@@ -196,11 +206,11 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
     async def oai_completion(request: Request, body: dict[str, Any], engine: Engine) -> Response:
         if "prompt" not in body:
             raise HttpError(400, "'prompt' is required")
-        prompt, tokens = decode_prompt(body["prompt"], engine.tokenizer)
-        d = capped(decode_completion(body, prompt, tokens, state.keep, state.n_predict), engine)
+        prompt, tokens = await asyncio.to_thread(decode_prompt, body["prompt"], engine.tokenizer)
+        d = await prepare(body, engine, prompt, tokens)
         cid, created, model = "cmpl-" + secrets.token_hex(16), int(time.time()), model_name(d)
         if d.n_predict == 0:
-            m = empty_outcome(engine, d).metrics
+            m = empty_outcome(d).metrics
             res = shapes.text_completion("", "length", cid, created, model, m)
             return _sse_done([res]) if d.stream else _json(res)
         gen = Generation(engine, d.request)
@@ -244,13 +254,14 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
 
     async def chat(request: Request, body: dict[str, Any], engine: Engine) -> Response:
         try:
-            prompt, tokens = chat_prompt(render(body), state.template, engine.tokenizer)
+            text = render(body)
         except ValueError as e:  # bad messages, or the template refused them
             raise HttpError(400, str(e)) from None
-        d = capped(decode_completion(body, prompt, tokens, state.keep, state.n_predict), engine)
+        prompt, tokens = await asyncio.to_thread(chat_prompt, text, state.template, engine.tokenizer)
+        d = await prepare(body, engine, prompt, tokens)
         cid, created, model = "chatcmpl-" + secrets.token_hex(16), int(time.time()), model_name(d)
         if d.n_predict == 0:
-            out = empty_outcome(engine, d)
+            out = empty_outcome(d)
             return _json(shapes.chat_completion("", out, cid, created, model))
         gen = Generation(engine, d.request)
         if not d.stream:
@@ -283,8 +294,8 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
         if not isinstance(content, str):
             raise HttpError(400, "'content' must be a string")
         tok = engine.tokenizer
-        ids = tok.encode(content, add_special=body.get("add_special") is True,
-                         parse_special=body.get("parse_special") is not False)
+        ids = await asyncio.to_thread(tok.encode, content, body.get("add_special") is True,
+                                      body.get("parse_special") is not False)
         if body.get("with_pieces") is not True:
             return _json({"tokens": ids})
         pieces: list[dict[str, Any]] = []
@@ -303,7 +314,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n
                                                 for i in ids):
             raise HttpError(400, f"'tokens' must be an array of token ids in 0..{n - 1}")
-        return _json({"content": engine.tokenizer.decode(ids)})
+        return _json({"content": await asyncio.to_thread(engine.tokenizer.decode, ids)})
 
     # ---- embeddings -------------------------------------------------------------------------------------
     async def embed_all(engine: Engine, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -325,8 +336,8 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             if isinstance(result, str):
                 raise HttpError(500 if text else 400, f"failed to embed: {result}")
             vectors.append(shapes.l2_normalize(result))
-            n_tokens += min(len(engine.tokenizer.encode(text, add_special=True, parse_special=False)),
-                            engine.n_ctx_embed)
+            ids = await asyncio.to_thread(engine.tokenizer.encode, text, True, False)
+            n_tokens += min(len(ids), engine.n_ctx_embed)
         return vectors, n_tokens
 
     def texts_of(value: object, key: str) -> list[str]:

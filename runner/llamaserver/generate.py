@@ -31,6 +31,11 @@ class Generation:
     def cancel(self) -> None:
         self._seq.cancel()
 
+    @property
+    def n_prompt(self) -> int:
+        """Prompt tokens after the engine's truncation (known once the first event came)."""
+        return self._seq.n_prompt
+
     async def next(self, request: Request) -> Event | None:
         """The next event, or None if the client disconnects first (the sequence is then cancelled)."""
         getter = asyncio.ensure_future(self._queue.get())

@@ -36,9 +36,9 @@ def sse(obj: Any) -> bytes:
     return b"data: " + dumps(obj) + b"\n\n"
 
 
-def error_object(status: int, message: str) -> dict[str, Any]:
-    """`{"error": {"code", "message", "type"}}`."""
-    return {"error": {"code": status, "message": message, "type": _ERROR_TYPES.get(status, "server_error")}}
+def error_object(status: int, message: str, kind: str = "") -> dict[str, Any]:
+    """`{"error": {"code", "message", "type"}}`; the type follows the status unless `kind` names one."""
+    return {"error": {"code": status, "message": message, "type": kind or _ERROR_TYPES.get(status, "server_error")}}
 
 
 @dataclass(frozen=True, slots=True)
