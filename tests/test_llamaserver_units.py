@@ -179,7 +179,7 @@ def test_completion_fields() -> None:
     assert (d.request.num_predict, d.request.sampling.seed, d.request.stop, d.stream, d.request.cache_prompt) == (
         7, 3, ("\n",), True, False)
     assert (d.request.num_keep, d.model, d.include_usage, d.request.grammar) == (-1, "m", True, 'root ::= "a"')
-    assert decode_completion({"max_completion_tokens": 9}, "", None).request.num_predict == 9
+    assert decode_completion({"max_completion_tokens": 9, "n": 1}, "", None).request.num_predict == 9
     assert decode_completion({}, "", None, default_keep=4).request.num_keep == 4
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     assert decode_completion({"json_schema": schema}, "", None).request.format == json.dumps(schema).replace(" ", "")
@@ -188,7 +188,8 @@ def test_completion_fields() -> None:
     assert decode_completion({"response_format": rf}, "", None).request.format == json.dumps(schema).replace(" ", "")
     assert decode_completion({"response_format": {"type": "text"}}, "", None).request.format is None
     for bad in [{"temperature": "hot"}, {"n_predict": 1.5}, {"stream": 1}, {"stop": [1]}, {"json_schema": "x"},
-                {"response_format": {"type": "xml"}}, {"response_format": {"type": "json_schema"}}, {"seed": True}]:
+                {"response_format": {"type": "xml"}}, {"response_format": {"type": "json_schema"}}, {"seed": True},
+                {"n": 2}, {"n_cmpl": 3}, {"multimodal_data": ["AA=="]}]:
         with pytest.raises(RequestError):
             decode_completion(bad, "", None)
     for body in [b"", b"[1]", b"{", b"\xff"]:

@@ -148,6 +148,10 @@ def decode_completion(doc: Mapping[str, Any], prompt: str, tokens: tuple[int, ..
         repeat_last_n=_int(doc, "repeat_last_n", 64), repeat_penalty=_float(doc, "repeat_penalty", 1.0),
         presence_penalty=_float(doc, "presence_penalty", 0.0),
         frequency_penalty=_float(doc, "frequency_penalty", 0.0))
+    if _int(doc, "n", 1) != 1 or _int(doc, "n_cmpl", 1) != 1:
+        raise RequestError("only one completion per request is supported ('n' must be 1)")
+    if doc.get("multimodal_data"):
+        raise RequestError("multimodal_data is not supported by this runner yet")
     grammar, fmt = _format(doc)
     stream_options = _get(doc, "stream_options", dict, {})
     request = CompletionRequest(
