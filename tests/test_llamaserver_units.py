@@ -296,6 +296,7 @@ def test_api_key() -> None:
         assert c.post("/tokenize", json={"content": "a"}, headers={"Authorization": "Bearer sesame"}).json() == {
             "tokens": [11]}
         assert c.get("/props").status_code == 401
+        assert c.post("/tokenize", json={}, headers={"X-Api-Key": "sésame".encode()}).status_code == 401
         assert c.get("/health").status_code == 200  # public, as in llama-server
 
 

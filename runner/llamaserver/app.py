@@ -95,7 +95,8 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
         if not state.api_key:
             return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(given or request.headers.get("x-api-key", ""), state.api_key):
+        given = given or request.headers.get("x-api-key", "")
+        if not secrets.compare_digest(given.encode(), state.api_key.encode()):
             raise HttpError(401, "Invalid API Key")
 
     def route(path: str, handler: Handler) -> Route:
@@ -262,6 +263,10 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
         cid, created, model = "chatcmpl-" + secrets.token_hex(16), int(time.time()), model_name(d)
         if d.n_predict == 0:
             out = empty_outcome(d)
+            if d.stream:
+                return _sse_done([shapes.chat_chunk({"role": "assistant", "content": None}, None, cid, created, model),
+                                  {**shapes.chat_chunk({}, "length", cid, created, model),
+                                   "timings": shapes.timings(out.metrics)}])
             return _json(shapes.chat_completion("", out, cid, created, model))
         gen = Generation(engine, d.request)
         if not d.stream:
