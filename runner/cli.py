@@ -1,4 +1,5 @@
-"""`ollama-pyrunner`: the runner Ollama launches (`[runner] [--ollama-engine] --model … --port P`), plus the
+"""`ollama-pyrunner`: the runner Ollama launches (`[runner] [--ollama-engine] --model … --port P`), the
+llama-server compatible server (`serve …`, or any invocation under the name `llama-server`), plus the
 `generate`, `embed` and `convert` tools. Reads the environment once, here, and passes everything down."""
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-SUBCOMMANDS = ("generate", "embed", "convert")
+SUBCOMMANDS = ("generate", "embed", "convert", "serve")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -173,7 +174,10 @@ def run_generate(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from runner.llamaserver.main import invoked_as_llama_server, run_serve
     args = list(sys.argv[1:] if argv is None else argv)
+    if (argv is None and invoked_as_llama_server(sys.argv[0])) or (args and args[0] == "serve"):
+        return run_serve(args[1:] if args and args[0] == "serve" else args)
     if args and args[0] == "generate":
         return run_generate(args[1:])
     if args and args[0] == "convert":

@@ -70,6 +70,7 @@ class Event:
     done: DoneReason | None = None
     metrics: Metrics | None = None
     error: str | None = None
+    stop_word: str = ""  # the stop string that ended the sequence, if one did
 
 
 EventSink = Callable[[Event], None]
@@ -94,6 +95,7 @@ class Sequence:
     t_start: float = 0.0
     t_first: float = 0.0
     n_prompt: int = 0
+    n_cached: int = 0  # prompt tokens reused from the slot's cache at placement
 
     def cancel(self) -> None:
         """Client went away: the loop ends this sequence at its next step and frees the slot."""
@@ -270,7 +272,8 @@ class Engine:
         req = seq.request
         if self.cache is None:
             raise ValueError("this model does not support generation")
-        tokens = self.tokenizer.encode(req.prompt, add_special=True, parse_special=True)
+        tokens = (list(req.tokens) if req.tokens is not None
+                  else self.tokenizer.encode(req.prompt, add_special=True, parse_special=True))
         if not tokens:
             raise ValueError("prompt is empty after tokenization")
         seq.num_keep = effective_num_keep(req.num_keep, len(tokens), self.n_ctx_slot)
@@ -289,7 +292,7 @@ class Engine:
         self._kv().remove(slot.id, n_past, None)
         slot.inputs = slot.inputs[:n_past]
         slot.seq, slot.last_used = seq, time.monotonic()
-        seq.slot, seq.n_past, seq.pending = slot.id, n_past, tokens[n_past:]
+        seq.slot, seq.n_past, seq.n_cached, seq.pending = slot.id, n_past, n_past, tokens[n_past:]
         history = tokens if req.sampling.repeat_last_n else ()
         seq.sampler = Sampler(req.sampling, n_ctx=self.n_ctx_slot, history=history)
         seq.stops = encode_stops(req.stop)
@@ -418,6 +421,8 @@ class Engine:
         seq.pieces.append(self.tokenizer.token_bytes(token))
         decision = check_pending(seq.pieces, seq.stops)
         if decision.action == Action.STOP:
+            pending = b"".join(seq.pieces)
+            word = next((stop.decode("utf-8") for stop in seq.stops if stop in pending), "")
             if decision.text:
                 seq.sink(Event(text=decision.text))
             # The slot keeps only what was returned: drop the tokens of the cut/stopping pieces.
@@ -427,7 +432,7 @@ class Engine:
                 self._kv().remove(slot.id, keep, None)
                 slot.inputs = slot.inputs[:keep]
             seq.pieces = []
-            self._finish(slot, seq, DoneReason.STOP)
+            self._finish(slot, seq, DoneReason.STOP, word)
             return
         if decision.action == Action.SEND:
             if decision.text:
@@ -439,14 +444,15 @@ class Engine:
             return
         seq.pending = [token]
 
-    def _finish(self, slot: _Slot, seq: Sequence, reason: DoneReason) -> None:
+    def _finish(self, slot: _Slot, seq: Sequence, reason: DoneReason, stop_word: str = "") -> None:
         rest = flush_pending(seq.pieces)
         if rest:
             seq.sink(Event(text=rest))
         now = time.monotonic()
         metrics = Metrics(prompt_eval_count=seq.n_prompt,
                           prompt_eval_duration_ns=int((seq.t_first - seq.t_start) * 1e9),
-                          eval_count=seq.n_generated, eval_duration_ns=int((now - seq.t_first) * 1e9))
-        seq.sink(Event(done=reason, metrics=metrics))
+                          eval_count=seq.n_generated, eval_duration_ns=int((now - seq.t_first) * 1e9),
+                          cache_n=seq.n_cached)
+        seq.sink(Event(done=reason, metrics=metrics, stop_word=stop_word))
         slot.seq = None
         slot.last_used = now

@@ -66,6 +66,7 @@ class CompletionRequest:
     grammar: str = ""
     format: str | None = None
     cache_prompt: bool = True
+    tokens: tuple[int, ...] | None = None  # a pre-tokenized prompt (llama-server mode); used instead of `prompt`
 
 
 @dataclass(frozen=True, slots=True)

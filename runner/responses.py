@@ -55,6 +55,7 @@ class Metrics:
     prompt_eval_duration_ns: int = 0
     eval_count: int = 0
     eval_duration_ns: int = 0
+    cache_n: int = 0  # prompt tokens reused from the slot's KV cache (llama-server's timings.cache_n)
 
 
 def _ms(ns: int) -> float:

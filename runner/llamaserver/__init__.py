@@ -1,0 +1,1 @@
+"""A llama-server compatible front end (and OpenAI-compatible server) over the shared engine."""
