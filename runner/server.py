@@ -8,7 +8,9 @@ import contextlib
 import functools
 import logging
 import multiprocessing
+import os
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -88,6 +90,17 @@ def _error(status: int, message: str) -> Response:
     return Response(error_body(message), status_code=status, headers=ERROR_HEADERS)
 
 
+def _exit_with_parent(parent: int) -> None:
+    """In the helper process: leave as soon as the runner is gone (Ollama stops runners with SIGKILL, which
+    gives the runner no chance to stop its helpers)."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 class DecoderPool:
     """One helper process, started on first use, for the bodies that would hold the GIL too long."""
 
@@ -98,7 +111,8 @@ class DecoderPool:
     def get(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_exit_with_parent, initargs=(os.getpid(),))
             return self._pool
 
     def close(self) -> None:

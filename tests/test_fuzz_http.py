@@ -183,3 +183,30 @@ def test_unknown_paths_are_404(runner: RunnerProcess) -> None:
         for path in ("/completion/", "/embedding/", "/health/", "/nope"):
             r = c.post(path, content=b"{}") if path != "/health/" else c.get(path)
             assert r.status_code == 404, (path, r.status_code)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def test_decoder_helper_exits_when_the_runner_is_killed(runner: RunnerProcess) -> None:
+    """The large-body test started the decoding helper; Ollama stops runners with SIGKILL, and the helper must
+    not outlive it. (Runs last in this module: it kills the module's runner.)"""
+    helpers = _children(runner.proc.pid)
+    assert helpers, "the large-body test should have started a decoding helper"
+    runner.stop()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in helpers):
+        time.sleep(0.1)
+    alive = [p for p in helpers if Path(f"/proc/{p}/stat").exists()
+             and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not alive, alive
