@@ -20,3 +20,8 @@ class SlotUnavailableError(RuntimeError):
 
 class SamplingError(RuntimeError):
     """The logits cannot be sampled (NaN probabilities); fatal for the runner, as in Go."""
+
+
+class GrammarError(ValueError):
+    """A request's grammar or format cannot be used (does not parse, no usable vocabulary), or a constrained
+    sequence reached a point where no token is allowed. Fails that request or sequence only."""
