@@ -14,13 +14,14 @@ vocabulary mask in tens to hundreds of microseconds: measured in bench/grammar.p
 from __future__ import annotations
 
 import json
+import re
 import threading
 from typing import Any
 
 import llguidance
 import numpy as np
 import numpy.typing as npt
-from llguidance.gbnf_to_lark import any_to_lark
+from llguidance.gbnf_to_lark import gbnf_to_lark
 
 from runner.errors import GrammarError
 from runner.protocol import CompletionRequest
@@ -55,14 +56,92 @@ VOCAB_ERROR = "failed to load model vocabulary required for format"  # Ollama's 
 _SPECIAL_PREFIX = b"\xff"  # llguidance's marker for tokens that text can never produce
 
 
+_ESCAPE = re.compile(r"\\\\|\\u([0-9a-fA-F]{4})|\\U([0-9a-fA-F]{8})")
+
+
+def _unicode_escape(m: re.Match[str]) -> str:
+    code = m.group(1) or m.group(2)
+    if code is None:  # an escaped backslash: keep, so that "\\u0041" stays a backslash and text
+        return m.group(0)
+    cp = int(code, 16)
+    if cp < 0x80:
+        return f"\\x{cp:02x}"
+    if 0xD800 <= cp < 0xE000 or cp > 0x10FFFF:
+        return m.group(0)  # not a character: the converter reports it
+    return chr(cp)  # non-ASCII characters are never GBNF syntax, so the character itself is equivalent
+
+
+def _name_spans(gbnf: str) -> list[tuple[int, int]]:
+    """Where the rule names (definitions and references) are: every word outside literals, classes, repetition
+    counts and comments."""
+    spans, i, n = [], 0, len(gbnf)
+    while i < n:
+        c = gbnf[i]
+        if c in "\"[{":
+            close = {"\"": "\"", "[": "]", "{": "}"}[c]
+            i += 1
+            while i < n and gbnf[i] != close:
+                i += 2 if gbnf[i] == "\\" else 1
+            i += 1
+        elif c == "#":
+            while i < n and gbnf[i] not in "\r\n":
+                i += 1
+        elif c.isalnum() or c in "-_":
+            j = i
+            while j < n and (gbnf[j].isalnum() or gbnf[j] in "-_"):
+                j += 1
+            spans.append((i, j))
+            i = j
+        else:
+            i += 1
+    return spans
+
+
+def _lark_name(name: str) -> str:
+    # how llguidance's converter renames a rule (case aside: terminals get upper case, the others lower)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name.replace("-", "_")).lower()
+
+
+def _rename_clashing_rules(gbnf: str) -> str:
+    """The converter renames `root` to `start`, `-` to `_` and camelCase to snake_case, and fails when two rules
+    meet (a JSON schema property named `start`, or `first-name` next to `firstName`): give such rules fresh
+    names first."""
+    spans = _name_spans(gbnf)
+    names = {gbnf[a:b] for a, b in spans}
+    taken: dict[str, str] = {}
+    rename: dict[str, str] = {}
+    for name in sorted(names, key=lambda x: (x != "root", x)):
+        key = "start" if name == "root" else _lark_name(name)
+        if key in taken:
+            k = 0
+            while f"r{k}-{name}" in names or _lark_name(f"r{k}-{name}") in taken:
+                k += 1
+            rename[name] = f"r{k}-{name}"
+            key = _lark_name(rename[name])
+        taken[key] = name
+    if not rename:
+        return gbnf
+    out, last = [], 0
+    for a, b in spans:
+        out.append(gbnf[last:a])
+        out.append(rename.get(gbnf[a:b], gbnf[a:b]))
+        last = b
+    out.append(gbnf[last:])
+    return "".join(out)
+
+
 def gbnf_to_llguidance(gbnf: str) -> str:
     """The llguidance grammar for a llama.cpp GBNF text (not yet checked against a vocabulary).
+
+    llguidance's GBNF converter writes `\\u00e9` as `\\ue9`, which its own parser then refuses, so \\u and \\U
+    escapes are rewritten first to `\\xHH` (ASCII) or the character itself. The text is always taken as GBNF (the
+    converter's own sniffing would read a GBNF rule named `start` as Lark).
 
     Raises:
         GrammarError: the text does not parse; the message names the position or the rule.
     """
     try:
-        lark = any_to_lark(gbnf)
+        lark = gbnf_to_lark(_rename_clashing_rules(_ESCAPE.sub(_unicode_escape, gbnf)))
     except Exception as e:  # the converter raises plain Exception for a missing rule or root
         raise GrammarError(f"invalid grammar: {e}") from e
     return str(llguidance.LLMatcher.grammar_from_lark(lark))
@@ -120,13 +199,16 @@ class _VocabView:
 class Constraint:
     """One sequence's grammar state: which tokens may come next, advanced by each accepted token."""
 
-    def __init__(self, matcher: Any, n_vocab: int) -> None:
+    def __init__(self, matcher: Any, n_vocab: int, eog: frozenset[int]) -> None:
         self._matcher = matcher
         self._n_vocab = n_vocab
+        self._eog = eog
         self._bits = np.zeros((n_vocab + 31) // 32, dtype=np.int32)
 
     def allows(self, token: int) -> bool:
         """Whether `token` may come next (no state change)."""
+        if token in self._eog:  # llguidance's validate_tokens never counts an end token
+            return bool(self._matcher.is_accepting())
         return bool(self._matcher.validate_tokens([int(token)]) == 1)
 
     def allowed(self) -> npt.NDArray[np.bool_]:
@@ -139,8 +221,8 @@ class Constraint:
         mask: npt.NDArray[np.bool_] = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[
             :self._n_vocab].astype(np.bool_)
         if self._matcher.is_error() or not mask.any():
-            detail = self._matcher.get_error() or "no token can continue the text"
-            raise GrammarError(f"grammar dead end: {detail}")
+            detail = (self._matcher.get_error() or str(self._matcher.stop_reason())).strip().splitlines()[0]
+            raise GrammarError(f"grammar dead end: no token of the vocabulary can continue the text ({detail})")
         return mask
 
     def accept(self, token: int) -> None:
@@ -178,7 +260,9 @@ class GrammarCompiler:
         self._n_vocab = n_vocab
         self._lock = threading.Lock()
         self._lltok: Any = None
+        self._eog: frozenset[int] = frozenset()
         self._failed = False
+        self._limits = llguidance.LLParserLimits(verbose_errors=False)  # errors without the state dump
 
     def _vocabulary(self) -> Any:
         with self._lock:
@@ -187,6 +271,7 @@ class GrammarCompiler:
                     view = _VocabView(self._tokenizer, self._n_vocab)
                     self._lltok = llguidance.LLTokenizer(llguidance.TokenizerWrapper(view), n_vocab=self._n_vocab,
                                                          eos_token=view.eog)
+                    self._eog = frozenset(view.eog)
                 except Exception as e:
                     self._failed = True
                     raise GrammarError(VOCAB_ERROR) from e
@@ -213,7 +298,7 @@ class GrammarCompiler:
         if grammar is None:
             return None
         lltok = self._vocabulary()
-        matcher = llguidance.LLMatcher(lltok, grammar, log_level=0)
+        matcher = llguidance.LLMatcher(lltok, grammar, log_level=0, limits=self._limits)
         if matcher.is_error():
             raise GrammarError(f"invalid grammar: {matcher.get_error().strip()}")
-        return Constraint(matcher, self._n_vocab)
+        return Constraint(matcher, self._n_vocab, self._eog)
