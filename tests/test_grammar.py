@@ -139,9 +139,12 @@ def test_fixture_is_the_runners_json_grammar() -> None:
 def test_schema_fixtures_parse_and_match(name: str) -> None:
     gbnf = (FIXTURES / f"{name}.gbnf").read_text()
     examples = {
-        "person": ('{"name": "Zoë", "age": 42, "height": 1.85, "active": false}', '{"name": "x", "age": 1}'),
+        "person": ('{"name": "Zoë", "age": 42, "height": 1.85, "active": false}',
+                   '{"name": "Zoë", "age": 151, "height": 1.85, "active": false}'),
         "enum": ('{"color": "green", "size": "XL"}', '{"color": "pink", "size": "S"}'),
-        "array_of_objects": ('{"items": [{"id": 1, "tag": "a"}, {"id": 2, "tag": "b"}]}', '{"items": []}'),
+        "array_of_objects": ('{"items": [{"id": 1, "tag": "a"}, {"id": 999, "tag": "b"}]}',
+                             '{"items": [{"id": 1, "tag": "a"}, {"id": 2, "tag": "b"}, {"id": 3, "tag": "c"}, '
+                             '{"id": 4, "tag": "d"}]}'),
         "nested": ('{"user": {"name": "Ann", "address": {"city": "Oslo", "zip": "0150"}}}',
                    '{"user": {"name": "Ann"}}'),
         "pattern": ('{"code": "ABC-123", "ok": true}', '{"code": "AB-123", "ok": true}'),
