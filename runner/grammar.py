@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from typing import Any
+from typing import Any, Final
 
 import llguidance
 import numpy as np
@@ -147,6 +147,33 @@ def gbnf_to_llguidance(gbnf: str) -> str:
     return str(llguidance.LLMatcher.grammar_from_lark(lark))
 
 
+# What llama.cpp's schema converter (Ollama's server) does differently from llguidance's defaults: whitespace is its
+# bounded `space` rule rather than any run, and keywords it cannot enforce are ignored rather than refused.
+_AS_LLAMA_CPP: Final[Any] = {"whitespace_pattern": r"( |\n{1,2}[ \t]{0,20})?", "lenient": True}
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf")
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+
+
+def _closed_objects(schema: Any) -> Any:
+    """A copy of `schema` where an object with `properties` and no `additionalProperties` allows no other keys:
+    llama.cpp's converter generates only the listed properties (JSON Schema itself would allow any)."""
+    if isinstance(schema, list):
+        return [_closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: _closed_objects(v) for k, v in out[key].items()}
+    for key in _SCHEMA_LISTS + _SCHEMA_ONE:
+        if key in out:
+            out[key] = _closed_objects(out[key])
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def format_to_llguidance(fmt: str) -> str | None:
     """The llguidance grammar for a request's `format` (its compact JSON text): `"json"` -> Ollama's JSON grammar,
     a JSON object -> that schema, `""`/null -> None (no constraint), as Ollama's server converts it.
@@ -164,7 +191,7 @@ def format_to_llguidance(fmt: str) -> str | None:
         return gbnf_to_llguidance(OLLAMA_JSON_GRAMMAR)
     if isinstance(value, dict):
         try:
-            return str(llguidance.LLMatcher.grammar_from_json_schema(value))
+            return str(llguidance.LLMatcher.grammar_from_json_schema(_closed_objects(value), overrides=_AS_LLAMA_CPP))
         except ValueError as e:
             raise GrammarError(f"invalid JSON schema: {e}") from e
     raise GrammarError(f"invalid format: {fmt!r}; expected \"json\" or a valid JSON Schema")

@@ -277,3 +277,22 @@ def test_seeded_constrained_sampling_is_reproducible() -> None:
 
     first = run()
     assert first == run() and len(first) > 3
+
+
+def test_format_schema_as_llama_cpp_converts_it() -> None:
+    """A schema given as `format` constrains as llama.cpp's converter would: only the listed properties (nested too,
+    also for a property literally named "properties"), whitespace bounded like its `space` rule, and keywords it
+    cannot enforce ignored rather than refused."""
+    schema = {"type": "object", "required": ["a", "properties"],
+              "properties": {"a": {"type": "integer", "description": "ignored"},
+                             "properties": {"type": "object", "properties": {"b": {"type": "boolean"}},
+                                            "required": ["b"]}}}
+    fmt = json.dumps(schema)
+    assert matches(constraint(fmt=fmt), b'{"a": 1, "properties": {"b": true}}')
+    assert matches(constraint(fmt=fmt), b'{\n  "a": 1,\n  "properties": {"b": true}\n}')
+    assert not matches(constraint(fmt=fmt), b'{"a": 1, "properties": {"b": true}, "c": 2}')
+    assert not matches(constraint(fmt=fmt), b'{"a": 1, "properties": {"b": true, "c": 2}}')
+    assert not matches(constraint(fmt=fmt), b'{' + b" " * 25 + b'"a": 1, "properties": {"b": true}}')
+    open_schema = {**schema, "additionalProperties": True}
+    assert matches(constraint(fmt=json.dumps(open_schema)), b'{"a": 1, "properties": {"b": true}, "c": 2}')
+    assert matches(constraint(fmt=json.dumps({"type": "string", "format": "no-such-format"})), b'"x"')

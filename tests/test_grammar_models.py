@@ -140,6 +140,10 @@ class _HideZ:
     def is_control(self, i: int) -> bool:
         return bool(self._t.is_control(i)) or b"z" in self._t.token_bytes(i)
 
+    def encode(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        ids: list[int] = self._t.encode(text, add_special=add_special, parse_special=parse_special)
+        return [] if any(self.is_control(i) for i in ids) else ids  # no spelling without the hidden tokens
+
 
 def test_dead_end_fails_only_its_sequence(model: tuple[str, Engine]) -> None:
     name, engine = model
