@@ -4,6 +4,7 @@ llama-server compatible server (`serve …`, or any invocation under the name `l
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -100,6 +101,30 @@ def run_runner(argv: Sequence[str]) -> int:
     return 0
 
 
+def _read_arg(value: str) -> str:
+    """`@path` -> the file's text; anything else as given."""
+    if value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def _format_arg(value: str) -> str | None:
+    """--format as the request's `format` field carries it (compact JSON text): "json", or a schema object."""
+    if not value:
+        return None
+    if value == "json":
+        return '"json"'
+    text = _read_arg(value)
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--format: not JSON: {e}") from e
+    if not isinstance(schema, dict):
+        raise ValueError('--format: expected "json" or a JSON schema object')
+    return json.dumps(schema, separators=(",", ":"))
+
+
 def run_generate(argv: Sequence[str]) -> int:
     """Stream a completion of --prompt to stdout; counts and speed to stderr."""
     from runner.engine import Engine, Event
@@ -116,8 +141,16 @@ def run_generate(argv: Sequence[str]) -> int:
     p.add_argument("--ctx-size", type=int, default=2048)
     p.add_argument("--fast-kernels", action="store_true",
                    help="ggml's batch-shape-dependent CPU kernels: faster prefill, results depend on batching")
+    p.add_argument("--format", default="",
+                   help='structured output: "json" (any JSON object), @schema.json or an inline JSON schema')
+    p.add_argument("--grammar", default="", help="structured output: a llama.cpp GBNF grammar, or @file.gbnf")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    try:
+        fmt, grammar = _format_arg(args.format), _read_arg(args.grammar)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
 
     shown = [-1]
@@ -154,6 +187,7 @@ def run_generate(argv: Sequence[str]) -> int:
             done.set()
 
     req = CompletionRequest(prompt=args.prompt, images=(), num_predict=args.num_predict, num_keep=0, stop=(),
+                            grammar=grammar, format=fmt,
                             sampling=SamplerParams(temperature=args.temperature,
                                                    seed=None if args.seed < 0 else args.seed))
     engine.submit(req, sink)

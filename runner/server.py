@@ -23,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from runner.engine import Engine, Event
-from runner.errors import RequestError
+from runner.errors import GrammarError, RequestError
 from runner.protocol import CompletionRequest, Dialect, decode_completion, decode_embedding
 from runner.responses import (ERROR_HEADERS, JSON_CONTENT_TYPE, ServerStatus, encode_chunk, encode_embedding,
                               encode_final, encode_health, error_body)
@@ -181,13 +181,20 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
         assert state.engine is not None
         if await request.is_disconnected():  # gone already: never spend a prefill on it
             return Response(status_code=200)
+        grammar = None
+        if req.grammar or req.format:  # compiling takes ms (seconds the first time): off the event and batch loops
+            try:
+                grammar = await asyncio.to_thread(state.engine.grammars.compile, req)
+            except GrammarError as e:
+                log.warning("bad grammar: %s", e)
+                return _error(500, str(e))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def sink(ev: Event) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
-        seq = state.engine.submit(req, sink)
+        seq = state.engine.submit(req, sink, grammar)
         first = await first_event(request, queue)
         if first is None:  # the client went away while waiting for a slot or for its prompt: free them
             seq.cancel()
