@@ -73,6 +73,13 @@ class DecoderParams:
         values.update(overrides)
         return DecoderParams(**values)
 
+    @property
+    def cache_window(self) -> int:
+        """The window in the caches' terms (a cell stays visible while pos - cell_pos <= it): llama.cpp and the
+        Hugging Face models hide a key once pos_q - pos_k >= window, so a token sees `window` positions, itself
+        included (Ollama v0.6.8 let it see one more)."""
+        return self.window - 1
+
     def base_for(self, il: int) -> float:
         return self.rope_base_swa if self.swa_layers[il] else self.rope_base
 
@@ -185,7 +192,7 @@ class Decoder(Module):
         """Pooled embeddings [n_embd, n_seqs] of the batch's sequences (in order of first appearance), each
         sequence attending causally to itself only; the KV cache is not touched."""
         p = self.params
-        cache = BatchCache(window_for=lambda il: p.window if p.swa_layers[il] else None, flash=self.flash)
+        cache = BatchCache(window_for=lambda il: p.cache_window if p.swa_layers[il] else None, flash=self.flash)
         return pool(ctx, self.hidden(ctx, batch, cache, None), batch.seqs, p.pooling)
 
     def shift(self, ctx: Context, il: int, key: Tensor, delta: Tensor) -> Tensor:
@@ -197,7 +204,7 @@ class Decoder(Module):
         self.flash = flash
         p = self.params
         if p.window and any(p.swa_layers):
-            swa = CausalCache(self.shift, window=p.window, flash=flash)
+            swa = CausalCache(self.shift, window=p.cache_window, flash=flash)
             full = CausalCache(self.shift, flash=flash)
             return WrapperCache([swa, full], lambda il: 0 if p.swa_layers[il] else 1)
         return CausalCache(self.shift, flash=flash)
