@@ -65,7 +65,8 @@ class GgmlBackend:
             if not isinstance(arch, str) or not arch:
                 raise ModelLoadError(f"{self.path}: general.architecture is missing")
             self.architecture = arch
-            self.n_layer = int(self.metadata.get(f"{arch}.block_count", 0) or 0)
+            self.n_layer = _checked_block_count(self.metadata, arch, gguf.tensors)
+            _check_tensor_types(gguf.tensors)
             self._own_runtime = runtime is None
             self.runtime = runtime if runtime is not None else Runtime(options)
             self.runtime.n_layer = self.n_layer
@@ -94,6 +95,11 @@ class GgmlBackend:
         return -1  # inputs (embeddings) stay on the CPU, as in llama.cpp
 
     def _loaded_type(self, info: TensorInfo) -> DType:
+        if len(info.shape) == 1:
+            # Norm weights, biases and RoPE factors meet activations in ggml's binary ops, which abort on
+            # anything but F32 there: hold every 1-D tensor as F32, whatever the file stores (llama.cpp's
+            # converters always write them so; a file that does not is fixed here, not refused).
+            return DType.F32
         if info.name in _LOOKUP_TABLES or len(info.shape) != 2:
             return info.dtype
         return self._widen.get(info.dtype, info.dtype)
@@ -221,9 +227,41 @@ class GgmlBackend:
 
 def _widened(raw: memoryview, info: TensorInfo, to: DType) -> npt.NDArray[Any]:
     """A stored tensor's data as `to` (F32 or F16), dequantized row by row with gguf's reference code."""
-    rows = np.frombuffer(raw, dtype=np.uint8).reshape(info.shape[1], -1)
-    values = dequantize(rows, GGMLQuantizationType(int(info.dtype)))
+    rows = np.frombuffer(raw, dtype=np.uint8).reshape(int(np.prod(info.shape[1:], dtype=np.int64)), -1)
+    if info.dtype == DType.BF16:  # gguf's dequantize has no BF16 path: the upper half of an F32
+        values: npt.NDArray[Any] = (rows.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    elif info.dtype in (DType.F32, DType.F16):
+        values = rows.view(info.dtype.numpy)
+    else:
+        values = dequantize(rows, GGMLQuantizationType(int(info.dtype)))
     return np.ascontiguousarray(values, dtype=to.numpy)
+
+
+# Types ggml stores but cannot use as weights: integers, F64, and the activation-only Q8_1 / Q8_K (no CPU
+# dot product takes them as the weight side); a file that carries one is refused before ggml aborts on it.
+_NOT_WEIGHT_TYPES = frozenset({DType.I8, DType.I16, DType.I32, DType.I64, DType.F64, DType.Q8_1, DType.Q8_K})
+_BLOCK_PREFIX = re.compile(r"^blk\.(\d+)\.")
+
+
+def _check_tensor_types(tensors: Mapping[str, TensorInfo]) -> None:
+    for info in tensors.values():
+        if info.dtype in _NOT_WEIGHT_TYPES:
+            raise ModelLoadError(f"tensor {info.name} has type {info.dtype.name}, which is not a weight type")
+
+
+def _checked_block_count(metadata: Mapping[str, Any], arch: str, tensors: Mapping[str, TensorInfo]) -> int:
+    """`<arch>.block_count`, refused when the file has no tensors for that many blocks: the count sizes
+    per-layer tables, so it must be bounded by the file before anything is built from it."""
+    key = f"{arch}.block_count"
+    raw = metadata.get(key, 0)
+    value = raw.item() if isinstance(raw, np.generic) else raw
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ModelLoadError(f"metadata key {key} is {type(value).__name__}, expected an integer")
+    indexes = {int(m.group(1)) for name in tensors if (m := _BLOCK_PREFIX.match(name))}
+    if value < 0 or (value > 0 and value > len(indexes)):
+        raise ModelLoadError(f"invalid hyper-parameter {key} = {value}: the file has tensors for "
+                             f"{len(indexes)} blocks")
+    return value
 
 
 def load_backend(path: str | Path, options: RuntimeOptions | None = None,

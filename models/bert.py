@@ -16,6 +16,7 @@ from ml.module import Module, hyper, weight
 from ml.nn import LayerNorm, Linear, attention
 from models.pooling import Pooling, pool
 from models.registry import register
+from models.validate import check_encoder_params
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,15 @@ class Bert(Module):
     @classmethod
     def read_params(cls, b: Backend) -> BertParams:
         n_vocab = len(b.strings("tokenizer.ggml.tokens"))
-        return BertParams(
+        params = BertParams(
             n_embd=b.uint("embedding_length"), n_head=b.uint("attention.head_count"), n_layer=b.uint("block_count"),
             n_ff=b.uint("feed_forward_length"), n_vocab=n_vocab, n_ctx_train=b.uint("context_length"),
             eps=b.float("attention.layer_norm_epsilon"), pooling=Pooling.read(b),
             n_token_types=b.uint("tokenizer.ggml.token_type_count", 2))
+        check_encoder_params(b.architecture, n_embd=params.n_embd, n_head=params.n_head, n_layer=params.n_layer,
+                             n_ff=params.n_ff, n_vocab=params.n_vocab, n_ctx_train=params.n_ctx_train,
+                             eps=params.eps)
+        return params
 
     @property
     def can_embed(self) -> bool:

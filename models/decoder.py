@@ -23,6 +23,7 @@ from ml.batch import Batch
 from ml.module import Module, hyper, weight
 from ml.nn import Embedding, Linear, RMSNorm, attention
 from models.pooling import Pooling, pool
+from models.validate import check_decoder_params
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ class DecoderParams:
             rope_scale=1.0 / b.float("rope.scaling.factor", 1.0) if b.float("rope.scaling.factor", 0.0) else 1.0,
             n_ctx_train=b.uint("context_length", 0), swa_layers=(False,) * n_layer, pooling=Pooling.read(b))
         values.update(overrides)
-        return DecoderParams(**values)
+        params = DecoderParams(**values)
+        check_decoder_params(params, b.architecture)
+        return params
 
     @property
     def cache_window(self) -> int:

@@ -7,7 +7,7 @@ from typing import Any, Protocol, TypeVar
 from ml.backend import Backend, Context, Tensor
 from ml.batch import Batch
 from ml.dtype import DType
-from ml.errors import UnsupportedArchitecture
+from ml.errors import ModelLoadError, UnsupportedArchitecture
 from models.loader import load_weights
 
 from kvcache.base import Cache
@@ -56,6 +56,9 @@ def load_model(backend: Backend, *, strict: bool = False) -> Model:
     if cls is None:
         raise UnsupportedArchitecture(f"unsupported architecture {backend.architecture!r}; this runner supports "
                                       f"{', '.join(supported_architectures())}")
-    params = cls.read_params(backend)
+    try:
+        params = cls.read_params(backend)
+    except (ArithmeticError, ValueError) as e:  # e.g. a zero head count dividing a width, before its own check
+        raise ModelLoadError(f"invalid hyper-parameters for {backend.architecture}: {type(e).__name__}: {e}") from e
     model, _unused = load_weights(cls, backend, params, strict=strict)
     return model  # type: ignore[no-any-return]

@@ -74,6 +74,7 @@ def run_runner(argv: Sequence[str]) -> int:
             engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=cfg.ctx_size,
                             n_batch=cfg.batch_size, parallel=cfg.parallel, multiuser=cfg.multiuser_cache,
                             flash=cfg.flash_attn, kv_type=_kv_type(cfg.kv_cache_type if cfg.flash_attn else ""))
+            engine.warm_up()
             engine.start()
             state.engine, state.progress, state.status = engine, 1.0, ServerStatus.READY
             log.info("model loaded; serving on 127.0.0.1:%d", cfg.port)
@@ -129,6 +130,11 @@ def run_generate(argv: Sequence[str]) -> int:
         return 1
     print(file=sys.stderr)
     engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=args.ctx_size, n_batch=512, parallel=1)
+    try:
+        engine.warm_up()
+    except Exception as e:
+        print(f"error loading model: {e}", file=sys.stderr)
+        return 1
     engine.start()
     done = threading.Event()
     final: list[Event] = []

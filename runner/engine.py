@@ -16,6 +16,7 @@ import numpy as np
 from ml.backend import Backend
 from ml.batch import Batch
 from ml.dtype import DType
+from ml.errors import ModelLoadError
 from runner.protocol import CompletionRequest
 from runner.responses import DoneReason, Metrics
 from runner.sampling import Sampler
@@ -23,6 +24,42 @@ from runner.scheduling import SeqState, SlotState, choose_slot, effective_num_ke
 from runner.text import Action, check_pending, encode_stops, flush_pending
 
 log = logging.getLogger(__name__)
+
+
+STALL_FLOOR_S = 120.0  # no forward pass is called stuck before this, however fast the tokens before it were
+STALL_FACTOR = 50.0  # ... nor before it took this many times its expected time
+MAX_FAILED_FORWARDS = 3
+
+
+class ComputeWatch:
+    """Notices a forward pass that runs far beyond its expected time (a ggml compute that never returns), so
+    /health can say error instead of ready forever. The expectation is the slowest seconds-per-token seen so
+    far times the pass's tokens; written by the loop thread, read by the HTTP thread (single attribute writes)."""
+
+    def __init__(self, floor_s: float = STALL_FLOOR_S) -> None:
+        self.floor_s = floor_s
+        self._started: float | None = None
+        self._tokens = 0
+        self._per_token_s = 0.0
+
+    def begin(self, n_tokens: int) -> None:
+        self._tokens = max(1, n_tokens)
+        self._started = time.monotonic()
+
+    def end(self) -> None:
+        started, self._started = self._started, None
+        if started is not None:
+            self._per_token_s = max(self._per_token_s, (time.monotonic() - started) / self._tokens)
+
+    def stalled(self, now: float | None = None) -> str | None:
+        started = self._started
+        if started is None:
+            return None
+        elapsed = (time.monotonic() if now is None else now) - started
+        limit = max(self.floor_s, STALL_FACTOR * self._per_token_s * self._tokens)
+        if elapsed <= limit:
+            return None
+        return f"a forward pass of {self._tokens} tokens has run for {elapsed:.0f}s (limit {limit:.0f}s)"
 
 
 @dataclass
@@ -75,7 +112,8 @@ class Engine:
     """Runs a model over `parallel` slots of `n_ctx // parallel` tokens each."""
 
     def __init__(self, backend: Backend, model: Any, tokenizer: Any, *, n_ctx: int, n_batch: int, parallel: int,
-                 multiuser: bool = False, flash: bool = False, kv_type: DType = DType.F16) -> None:
+                 multiuser: bool = False, flash: bool = False, kv_type: DType = DType.F16,
+                 stall_after_s: float = STALL_FLOOR_S) -> None:
         self.backend, self.model, self.tokenizer = backend, model, tokenizer
         self.parallel = max(1, parallel)
         self.n_ctx_slot = max(1, n_ctx // self.parallel)
@@ -102,6 +140,8 @@ class Engine:
         self._rr = 0
         self._thread = threading.Thread(target=self._run, name="batch-loop", daemon=True)
         self.error: str | None = None
+        self.watch = ComputeWatch(stall_after_s)
+        self._failed_forwards = 0  # consecutive whole-batch failures; a few in a row mean the backend is broken
 
     def start(self) -> None:
         self._thread.start()
@@ -129,25 +169,59 @@ class Engine:
             self._embeds.append((text, reply))
             self._cv.notify_all()
 
+    def warm_up(self) -> None:
+        """One short forward pass before the model is called ready, so a file whose numbers make ggml fail or
+        produce NaN fails its load with a clear message instead of its first request. Leaves no trace in the
+        cache. Call before `start`.
+
+        Raises:
+            ModelLoadError: the pass failed or gave non-finite values.
+        """
+        bos = getattr(self.tokenizer, "bos_id", None)
+        ids = [bos if isinstance(bos, int) and 0 <= bos < self.n_vocab else 0] + [min(1, self.n_vocab - 1)] * 3
+        try:
+            if self.cache is not None:
+                batch = Batch.single(ids[:min(len(ids), self.n_ctx_slot)])
+                try:
+                    values = self._forward(batch)
+                finally:
+                    self._kv().remove(0, 0, None)
+            else:
+                ctx = self.backend.new_context()
+                try:
+                    out = self.model.embed(ctx, Batch.single(ids))
+                    ctx.forward(out).compute(out)
+                    values = out.numpy()
+                finally:
+                    ctx.close()
+        except Exception as e:
+            raise ModelLoadError(f"the model failed its first forward pass: {type(e).__name__}: {e}") from e
+        if not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            raise ModelLoadError(f"the model's first forward pass gave {bad} non-finite values of {values.size}: "
+                                 "the file's weights or hyper-parameters are broken")
+
+    def health_error(self) -> str | None:
+        """Why /health must say error: the backend failed for good, or a forward pass is stuck."""
+        return self.error or self.watch.stalled()
+
     # ---- the loop ----
     def _run(self) -> None:
-        try:
-            while True:
-                with self._cv:
-                    while not self._stop and not self._incoming and not self._embeds and not self._active():
-                        self._cv.wait()
-                    if self._stop:
-                        return
+        while True:
+            with self._cv:
+                while not self._stop and not self._incoming and not self._embeds and not self._active():
+                    self._cv.wait()
+                if self._stop:
+                    return
+            try:
                 self._embed_pending()
                 self._admit()
                 self._step()
-        except Exception as e:  # a backend failure: fail every sequence, health turns red
-            log.exception("batch loop failed")
-            self.error = f"{type(e).__name__}: {e}"
-            for s in self.slots:
-                if s.seq is not None:
-                    s.seq.sink(Event(done=DoneReason.STOP, error=self.error))
-                    s.seq = None
+            except Exception as e:  # a bug outside any one sequence: end the running ones, keep serving
+                log.exception("batch loop step failed")
+                for s in self.slots:
+                    if s.seq is not None:
+                        self._fail(s, s.seq, f"{type(e).__name__}: {e}", drop_cache=True)
 
     def _active(self) -> list[Sequence]:
         return [s.seq for s in self.slots if s.seq is not None]
@@ -236,21 +310,25 @@ class Engine:
             return
         tokens: list[int] = []
         for c in step.chunks:
-            seq = self.slots[c.slot].seq
+            slot = self.slots[c.slot]
+            seq = slot.seq
             assert seq is not None
             if c.shift is not None and c.shift.discard:
-                self._shift(self.slots[c.slot], c.shift.keep, c.shift.discard)
+                try:
+                    self._shift(slot, c.shift.keep, c.shift.discard)
+                except Exception as e:  # this sequence's shift failed: end it; the rest are scheduled anew
+                    self._fail(slot, seq, f"context shift failed: {e}", drop_cache=True)
+                    return
             tokens.extend(seq.pending[:c.n_inputs])
         positions = np.asarray(step.positions(), dtype=np.int32)
         batch = Batch(np.asarray(tokens, dtype=np.int32), positions,
                       np.asarray(step.slots(), dtype=np.int32), np.asarray(step.outputs, dtype=np.int32))
-        ctx = self.backend.new_context()
         try:
-            logits_t = self.model.forward(ctx, batch, self.cache)
-            ctx.forward(logits_t).compute(logits_t)
-            logits = logits_t.numpy().reshape(-1, self.n_vocab)
-        finally:
-            ctx.close()
+            logits = self._forward(batch)
+        except Exception as e:  # the whole pass failed: its sequences end, the runner keeps serving
+            log.exception("forward pass failed")
+            self._forward_failed(f"{type(e).__name__}: {e}", {c.slot for c in step.chunks})
+            return
         now = time.monotonic()
         for c in step.chunks:
             slot = self.slots[c.slot]
@@ -261,7 +339,54 @@ class Engine:
             seq.pending = seq.pending[c.n_inputs:]
             slot.last_used = now
             if c.output is not None:
-                self._sample(slot, seq, logits[c.output], now)
+                try:
+                    self._sample(slot, seq, logits[c.output], now)
+                except Exception as e:  # sampling, stop strings or detokenizing failed: this sequence alone ends
+                    log.warning("sequence in slot %d failed: %s", slot.id, e)
+                    self._fail(slot, seq, str(e))
+
+    def _forward(self, batch: Batch) -> np.ndarray[Any, Any]:
+        """Logits [n_outputs, n_vocab] of one forward pass, timed for the stall watch."""
+        ctx = self.backend.new_context()
+        self.watch.begin(len(batch.tokens))
+        try:
+            logits_t = self.model.forward(ctx, batch, self.cache)
+            ctx.forward(logits_t).compute(logits_t)
+            logits: np.ndarray[Any, Any] = logits_t.numpy().reshape(-1, self.n_vocab)
+        finally:
+            self.watch.end()
+            ctx.close()
+        self._failed_forwards = 0
+        return logits
+
+    def _forward_failed(self, message: str, slots: set[int]) -> None:
+        """End the batch's sequences and forget what they had cached (the failed pass may have written part of
+        it). Several failures in a row mean the backend itself is broken: /health then says so, and the Go server
+        restarts the runner."""
+        self._failed_forwards += 1
+        if self._failed_forwards >= MAX_FAILED_FORWARDS:
+            self.error = f"{MAX_FAILED_FORWARDS} forward passes failed in a row; last: {message}"
+        for i in slots:
+            slot = self.slots[i]
+            if slot.seq is not None:
+                self._fail(slot, slot.seq, message, drop_cache=True)
+
+    def _fail(self, slot: _Slot, seq: Sequence, message: str, drop_cache: bool = False) -> None:
+        """End one sequence with an error and free its slot. `drop_cache` also forgets the slot's cached inputs,
+        for failures that may have left its KV cells half-written."""
+        if slot.seq is seq:
+            slot.seq = None
+        slot.last_used = time.monotonic()
+        if drop_cache:
+            slot.inputs = []
+            try:
+                self._kv().remove(slot.id, 0, None)
+            except Exception:  # the cache keeps whatever it had; the empty input list never matches a prefix
+                log.exception("could not clear slot %d", slot.id)
+        try:
+            seq.sink(Event(done=DoneReason.STOP, error=message))
+        except Exception:  # the receiver is gone (e.g. its event loop closed): nothing left to tell
+            log.debug("could not deliver the error of slot %d", slot.id, exc_info=True)
 
     def _shift(self, slot: _Slot, keep: int, discard: int) -> None:
         """Context shift: drop inputs [keep, keep+discard) and slide the rest down (keys re-rotated)."""

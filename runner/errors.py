@@ -19,4 +19,5 @@ class SlotUnavailableError(RuntimeError):
 
 
 class SamplingError(RuntimeError):
-    """The logits cannot be sampled (NaN probabilities); fatal for the runner, as in Go."""
+    """The logits cannot be sampled (NaN logits or probabilities, no finite logit): ends that one sequence (the Go
+    runner panics; this runner keeps serving the others)."""

@@ -3,7 +3,10 @@
 Mirrors Ollama's new-engine sampler pipeline (runner-protocol.md §4.11) plus llama.cpp's repetition penalties,
 which the llama engine honoured. Everything is vectorised over the vocabulary; probabilities are float32 and the
 running sums are sequential (np.cumsum), as in Go, so boundary cases of top-p behave like the Go loop.
-No grammar support: a request's grammar is not applied here.
+Hostile but well-typed values never break it (runner-protocol.md: every option arrives as a finite float32):
+penalties that overflow float32 are recomputed in float64 and clipped to the finite float32 range, and a scaled
+row whose largest logit overflows is clipped the same way, so softmax never sees inf - inf. NaN logits (a broken
+model) and a row with no finite logit raise SamplingError, which ends that one sequence.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from runner.errors import SamplingError
 _MIN_TEMPERATURE = 1e-7  # Go divides by max(temp, 1e-7) so a tiny temperature is "almost greedy", not a crash
 _U64 = (1 << 64) - 1
 _FIRST_WINDOW = 64  # tokens sorted first when there is no top-k; grows ×8 until top-p/min-p cut inside it
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +74,18 @@ def apply_penalties(logits: npt.NDArray[np.float32], history: npt.NDArray[np.int
     ids, counts = ids[keep], counts[keep]
     vals = logits[ids]
     rp = np.float32(repeat_penalty)
-    vals = np.where(vals <= 0, vals * rp, vals / rp)
-    vals = vals - (counts.astype(np.float32) * np.float32(frequency_penalty) + np.float32(presence_penalty))
-    logits[ids] = vals.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        out = np.where(vals <= 0, vals * rp, vals / rp)
+        out = out - (counts.astype(np.float32) * np.float32(frequency_penalty) + np.float32(presence_penalty))
+    if not np.isfinite(out).all():
+        # Extreme penalties (e.g. repeat_penalty 1e-45, presence ±3.4e38) overflow float32 and can make inf - inf:
+        # redo these few values in float64, where nothing overflows, and clip back into the finite float32 range
+        # (a -inf logit stays banned: only finite inputs are clipped).
+        wide = vals.astype(np.float64)
+        wide = np.where(wide <= 0, wide * float(rp), wide / float(rp))
+        wide = wide - (counts * float(np.float32(frequency_penalty)) + float(np.float32(presence_penalty)))
+        out = np.where(np.isfinite(vals), np.clip(wide, -_F32_MAX, _F32_MAX), vals)
+    logits[ids] = out.astype(np.float32)
 
 
 def top_k_sorted(logits: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.int64]:
@@ -126,6 +139,17 @@ def _check(probs: npt.NDArray[np.float32], top_k: int, temperature: float) -> No
         raise SamplingError(f"sampling failed: NaN probabilities (top_k={top_k}, temperature={temperature})")
 
 
+def _scaled(row: npt.NDArray[np.float32], scale: np.float32, top: np.float32) -> npt.NDArray[np.float32]:
+    """row / scale in float32; `top` is the row's largest value, so an overflow (a tiny temperature over a large
+    logit) is seen without another pass. Then (row - top) / scale runs in float64, the same distribution after
+    softmax, and is clipped to the finite float32 range: the best token stays on top, softmax never meets inf - inf."""
+    if float(top) / float(scale) <= _F32_MAX:
+        with np.errstate(over="ignore"):  # the smallest logits may still overflow to -inf, which is harmless
+            out: npt.NDArray[np.float32] = row / scale
+        return out
+    return np.clip((row.astype(np.float64) - float(top)) / float(scale), -_F32_MAX, _F32_MAX).astype(np.float32)
+
+
 def candidates(row: npt.NDArray[np.float32], top_k: int, temperature: float, top_p: float,
                min_p: float) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
     """The tokens that survive top-k -> temperature -> softmax -> top-p -> min-p, with their probabilities,
@@ -142,10 +166,10 @@ def candidates(row: npt.NDArray[np.float32], top_k: int, temperature: float, top
     scale = np.float32(max(temperature, _MIN_TEMPERATURE))
     if 0 < top_k < n:
         ids = top_k_sorted(row, top_k)
-        probs = softmax(row[ids] / scale)
+        probs = softmax(_scaled(row[ids], scale, row[ids[0]]))
         _check(probs, top_k, temperature)
     else:
-        all_probs = softmax(row / scale)
+        all_probs = softmax(_scaled(row, scale, np.max(row)))
         _check(all_probs, top_k, temperature)
         if top_p >= 1.0 and min_p <= 0.0:
             return np.arange(n, dtype=np.int64), all_probs
@@ -210,11 +234,13 @@ class Sampler:
         row = np.asarray(logits, dtype=np.float32).reshape(-1)
         if np.isnan(row).any():
             raise SamplingError(f"sampling failed: NaN in logits ({int(np.isnan(row).sum())} of {row.size})")
+        if np.isposinf(row).any():  # an overflowing model: treat +inf as the largest finite logit
+            row = np.where(np.isposinf(row), np.float32(_F32_MAX), row)
         if self._use_penalties and self._history:
             row = row.copy()
             apply_penalties(row, np.fromiter(self._history, dtype=np.int64, count=len(self._history)),
                             self._repeat_penalty, self._params.presence_penalty, self._params.frequency_penalty)
         if self._temperature == 0.0:
-            return int(np.argmax(row))  # first maximum wins; nothing else applies
+            return int(np.argmax(row))  # first maximum wins; nothing else applies (all -inf: 0, as in Go)
         ids, probs = candidates(row, self._params.top_k, self._temperature, self._top_p, self._min_p)
         return int(ids[draw(probs, float(self._rng.random(dtype=np.float32)))])

@@ -1,15 +1,18 @@
 """HTTP only (starlette): parse, hand to the engine, stream its events. /health never waits on the model: loading
-and compute run on other threads, so it answers at once in every state."""
+and compute run on other threads, and request bodies are read with a size limit and decoded on a worker thread,
+so it answers at once in every state, whatever a client sends."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
+import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
@@ -20,6 +23,36 @@ from runner.responses import (ERROR_HEADERS, JSON_CONTENT_TYPE, ServerStatus, en
                               encode_final, encode_health, error_body)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Bodies above this get 413 before they are parsed. Images travel base64-encoded in /completion bodies, so the
+# limit is far above any prompt; it bounds memory and parse time per request.
+MAX_BODY_BYTES = 64 << 20
+# Bodies up to this size are decoded on the event loop (microseconds); larger ones on a worker thread.
+_INLINE_DECODE_BYTES = 64 << 10
+
+
+class BodyTooLarge(Exception):
+    """The request body exceeds MAX_BODY_BYTES."""
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, refused as soon as it passes `limit` bytes (before it is all in memory).
+
+    Raises:
+        BodyTooLarge: over the limit. ClientDisconnect: the client went away mid-upload.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 @dataclass
@@ -40,7 +73,7 @@ def _error(status: int, message: str) -> Response:
 def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
     async def health(_: Request) -> Response:
         status = state.status
-        if state.engine is not None and state.engine.error:
+        if state.engine is not None and state.engine.health_error():
             status = ServerStatus.ERROR
         return Response(encode_health(dialect, status, state.progress), media_type=JSON_CONTENT_TYPE)
 
@@ -66,17 +99,33 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
         finally:
             getter.cancel()  # a no-op when it finished
 
-    async def completion(request: Request) -> Response:
-        body = await request.body()
+    async def receive(request: Request, decode: Callable[[bytes], T]) -> T | Response:
+        """The decoded body, or the response that refuses it (400, 413, or an empty one for a client that left)."""
         try:
-            req = decode_completion(body, dialect)
+            body = await read_body(request)
+        except BodyTooLarge:
+            return _error(413, "request body too large")
+        except ClientDisconnect:
+            log.debug("client left during the upload of %s", request.url.path)
+            return Response(status_code=200)
+        try:
+            if len(body) <= _INLINE_DECODE_BYTES:
+                return decode(body)
+            return await anyio.to_thread.run_sync(decode, body)
         except RequestError as e:
-            log.warning("bad /completion request: %s", e)
+            log.warning("bad %s request: %s", request.url.path, e)
             return _error(400, "Bad request")
+
+    async def completion(request: Request) -> Response:
+        req = await receive(request, lambda body: decode_completion(body, dialect))
+        if isinstance(req, Response):
+            return req
         not_ready = await wait_ready()
         if not_ready is not None:
             return not_ready
         assert state.engine is not None
+        if await request.is_disconnected():  # gone already: never spend a prefill on it
+            return Response(status_code=200)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -107,12 +156,9 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
         return StreamingResponse(stream(), media_type=JSON_CONTENT_TYPE)
 
     async def embedding(request: Request) -> Response:
-        body = await request.body()
-        try:
-            req = decode_embedding(body)
-        except RequestError as e:
-            log.warning("bad /embedding request: %s", e)
-            return _error(400, "Bad request")
+        req = await receive(request, decode_embedding)
+        if isinstance(req, Response):
+            return req
         not_ready = await wait_ready()
         if not_ready is not None:
             return not_ready
@@ -134,4 +180,6 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
 
     routes = [Route("/health", health, methods=["GET"]), Route("/completion", completion, methods=["POST"]),
               Route("/embedding", embedding, methods=["POST"])]
-    return Starlette(routes=routes)
+    app = Starlette(routes=routes)
+    app.router.redirect_slashes = False  # `/completion/` is not ours: 404, as Go's mux answers, not a 307
+    return app

@@ -184,7 +184,6 @@ def test_filters(params: SamplerParams, allowed: set[int]) -> None:
     pytest.param([np.nan, 1.0], 1.0, id="nan-logit"),
     pytest.param([np.nan, 1.0], 0.0, id="nan-logit-greedy"),
     pytest.param([-np.inf, -np.inf], 1.0, id="all-neg-inf"),
-    pytest.param([np.inf, 1.0], 1.0, id="pos-inf"),
 ])
 def test_nan_is_an_error(logits: list[float], temperature: float) -> None:
     with pytest.raises(SamplingError):
@@ -227,3 +226,45 @@ def test_large_vocabulary() -> None:
                 history=range(100))
     top40 = set(np.argsort(-logits)[:40].tolist())
     assert all(s.sample(logits) in top40 for _ in range(20))
+
+
+# ---- hostile but well-typed values (issue 10): every case must give a valid token, never an exception ----
+_F32_MAX = float(np.finfo(np.float32).max)
+_EXTREMES = [0.0, 1e-45, -1e-45, 1e-7, 1.0, -1.0, 1e30, -1e30, _F32_MAX, -_F32_MAX]
+
+
+@pytest.mark.parametrize("repeat_penalty", _EXTREMES)
+@pytest.mark.parametrize("presence", [0.0, _F32_MAX, -_F32_MAX, 1e-45])
+@pytest.mark.parametrize("frequency", [0.0, _F32_MAX, -_F32_MAX])
+@pytest.mark.parametrize("temperature", [0.0, 1e-45, 0.8, _F32_MAX])
+def test_extreme_penalties_and_temperature_still_sample(repeat_penalty: float, presence: float, frequency: float,
+                                                         temperature: float) -> None:
+    row = arr(5.0, -3.0, 0.0, 2.5, -_F32_MAX, _F32_MAX / 2)
+    params = SamplerParams(temperature=temperature, seed=3, top_k=3 if temperature == 0.8 else 0, top_p=0.95,
+                           repeat_last_n=64, repeat_penalty=repeat_penalty, presence_penalty=presence,
+                           frequency_penalty=frequency)
+    token = Sampler(params, history=[0, 0, 3, 5]).sample(row)
+    assert 0 <= token < row.size
+
+
+def test_tiny_repeat_penalty_keeps_the_order_of_penalised_logits() -> None:
+    # 5/1e-45 and 2.5/1e-45 both overflow float32; float64 keeps 5 above 2.5 before clipping, and clipping
+    # makes them tie at the float32 maximum, where the lower id wins greedily.
+    s = Sampler(SamplerParams(repeat_last_n=64, repeat_penalty=1e-45), history=[3, 0])
+    assert s.sample(arr(5.0, 9.0, 0.0, 2.5)) == 0
+
+
+def test_huge_presence_penalty_bans_seen_tokens() -> None:
+    s = Sampler(SamplerParams(repeat_last_n=64, presence_penalty=_F32_MAX, frequency_penalty=_F32_MAX),
+                history=[1, 1])
+    assert s.sample(arr(0.0, 9.0, 1.0)) == 2
+
+
+def test_tiny_temperature_is_almost_greedy() -> None:
+    # 30 / 1e-7 fits float32 but 1e33 / 1e-7 does not: the clipped path still picks the best token.
+    row = arr(1e33, 3e33, -1e33)
+    assert all(Sampler(SamplerParams(temperature=1e-45, seed=k)).sample(row) == 1 for k in range(5))
+
+
+def test_positive_infinity_is_the_largest_logit() -> None:
+    assert Sampler(SamplerParams(temperature=1.0, seed=0)).sample(arr(1.0, np.inf, 2.0)) == 1
