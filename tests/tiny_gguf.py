@@ -198,7 +198,9 @@ def write_gguf(path: str | Path, spec: TinySpec, tensors: dict[str, np.ndarray] 
     if s.write_vocab_size:
         writer.add_uint32(f"{a}.vocab_size", s.n_vocab)
     for k, v in s.extra_kv.items():
-        if isinstance(v, float):
+        if isinstance(v, bool):
+            writer.add_bool(k, v)
+        elif isinstance(v, float):
             writer.add_float32(k, v)
         elif isinstance(v, int):
             writer.add_uint32(k, v)
