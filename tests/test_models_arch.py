@@ -113,6 +113,62 @@ MOE_KV = {"qwen3moe.expert_count": N_EXPERT, "qwen3moe.expert_used_count": N_USE
           "qwen3moe.expert_feed_forward_length": N_FF_EXP}
 
 
+# ---- granite / olmo2 / phi3 ----------------------------------------------------------------------------------------
+
+GRANITE_KV = {"granite.embedding_scale": 4.0, "granite.residual_scale": 0.5, "granite.attention.scale": 0.2,
+              "granite.logit_scale": 3.0}
+
+
+def _olmo2(w: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """No pre-norms; q/k norms over the whole projections."""
+    for k in [k for k in w if k.endswith(("attn_norm.weight", "ffn_norm.weight"))]:
+        del w[k]
+    for k in [k for k in w if k.endswith(("attn_q_norm.weight", "attn_k_norm.weight"))]:
+        rows = w[k.replace("_norm.weight", ".weight")].shape[0]
+        w[k] = (1.0 + 0.2 * rng.standard_normal(rows)).astype(np.float32)
+    return w
+
+
+def olmo2_spec(**kw: Any) -> TinySpec:
+    base: dict[str, Any] = dict(arch="olmo2", qk_norm=True, post_norms=True, tied=False, eps=1e-6)
+    base.update(kw)
+    return TinySpec(**base)
+
+
+def _olmo2_swa_ref(s: TinySpec, scale_local: bool = False) -> Ref:
+    plain = inv_freq_plain(s.rope_base, s.n_rot)
+    local = [il % 4 < 3 for il in range(s.n_layer)]
+    return base_ref(s, True, window=lambda il: 3 if local[il] else 0,
+                    inv_freq=lambda il: plain if local[il] and not scale_local else plain / 2.0)
+
+
+SHORT = np.array([1.0, 1.2, 1.5, 2.0], dtype=np.float32)
+LONG = np.array([1.0, 2.0, 6.0, 20.0], dtype=np.float32)
+PHI3_KV = {"phi3.rope.scaling.original_context_length": 32,
+           "phi3.rope.scaling.attn_factor": longrope_magnitude(256, 32)}
+
+
+def _phi3(w: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Fused QKV (rows q | k | v) and gate/up (gate rows first), LongRoPE factor tensors."""
+    for il in range(1 + max(int(k.split(".")[1]) for k in w if k.startswith("blk."))):
+        p = f"blk.{il}."
+        w[p + "attn_qkv.weight"] = np.concatenate([w.pop(p + f"attn_{x}.weight") for x in "qkv"])
+        w[p + "ffn_up.weight"] = np.concatenate([w.pop(p + "ffn_gate.weight"), w[p + "ffn_up.weight"]])
+    w["rope_factors_short.weight"], w["rope_factors_long.weight"] = SHORT, LONG
+    return w
+
+
+def phi3_spec(**kw: Any) -> TinySpec:
+    base: dict[str, Any] = dict(arch="phi3", tied=False, rope_dim=8, tokenizer="llama", extra_kv=PHI3_KV)
+    base.update(kw)
+    return TinySpec(**base)
+
+
+def _phi3_ref(factors: np.ndarray, window: int = 0) -> Callable[[TinySpec], Ref]:
+    return lambda s: base_ref(s, True, inv_freq=lambda il: inv_freq_plain(s.rope_base, s.n_rot) / factors,
+                              magnitude=lambda il: longrope_magnitude(256, 32), window=lambda il: window)
+
+
 CASES: dict[str, Case] = {
     "rope-linear": Case(llama_spec(rope_scale_factor=4.0), same, _linear(4.0), ("alt:unscaled",),
                         alt={"unscaled": _linear(1.0)}),
@@ -139,6 +195,18 @@ CASES: dict[str, Case] = {
                               _experts, lambda s: base_ref(s, True, n_expert_used=N_USED, expert_norm=False),
                               ("alt:normed",),
                               alt={"normed": lambda s: base_ref(s, True, n_expert_used=N_USED, expert_norm=True)}),
+    "granite": Case(TinySpec(arch="granite", extra_kv=GRANITE_KV), same,
+                    lambda s: base_ref(s, False, embed_scale=4.0, residual_scale=0.5, attn_scale=0.2, logit_scale=3.0),
+                    ("no_embed_scale", "no_residual_scale", "no_attn_scale", "no_logit_scale")),
+    "olmo2": Case(olmo2_spec(), _olmo2, lambda s: base_ref(s, True), ("no_qk_norm", "no_post_norms")),
+    "olmo2-sliding-window": Case(
+        olmo2_spec(n_layer=4, window=3, rope_scale_factor=2.0), _olmo2, _olmo2_swa_ref,
+        ("no_window", "alt:scaled_local"), alt={"scaled_local": lambda s: _olmo2_swa_ref(s, True)}),
+    "phi3-short": Case(phi3_spec(), _phi3, _phi3_ref(SHORT), ("alt:long", "no_magnitude"), n_ctx_seq=32,
+                       alt={"long": _phi3_ref(LONG)}),
+    "phi3-long": Case(phi3_spec(), _phi3, _phi3_ref(LONG), ("alt:short",), n_ctx_seq=33,
+                      alt={"short": _phi3_ref(SHORT)}),
+    "phi3-sliding-window": Case(phi3_spec(window=5), _phi3, _phi3_ref(SHORT, 5), ("no_window",), n_ctx_seq=16),
 }
 
 
@@ -271,7 +339,7 @@ def test_unknown_rope_scaling_type_is_a_load_error(tmp_path: Path) -> None:
 
 
 def test_registry_lists_the_new_architectures(tmp_path: Path) -> None:
-    assert {"qwen3", "qwen3moe"} <= set(supported_architectures())
+    assert {"granite", "olmo2", "phi3", "qwen3", "qwen3moe"} <= set(supported_architectures())
     path = tmp_path / "x.gguf"
     write_gguf(path, llama_spec(), arch="mamba")
     backend = load_backend(path, RuntimeOptions(threads=1))
@@ -304,3 +372,33 @@ def test_yarn_cache_shift_is_a_pure_rotation(tmp_path: Path) -> None:
             ctx.close()
     finally:
         loaded.backend.close()
+
+
+def _load_error(tmp_path: Path, name: str, spec: TinySpec, edit: Callable[[dict[str, np.ndarray]], None]) -> str:
+    case = CASES[name]
+    w = case.edit(make_weights(spec, 1), np.random.default_rng(2))
+    edit(w)
+    path = tmp_path / f"{name}.gguf"
+    write_gguf(path, spec, w)
+    backend = load_backend(path, RuntimeOptions(threads=1))
+    try:
+        with pytest.raises(ModelLoadError) as e:
+            load_model(backend)
+        return str(e.value)
+    finally:
+        backend.close()
+
+
+def test_expert_shapes_and_counts_are_checked_at_load(tmp_path: Path) -> None:
+    def fewer_experts(w: dict[str, np.ndarray]) -> None:
+        w["blk.1.ffn_up_exps.weight"] = w["blk.1.ffn_up_exps.weight"][:3]
+
+    msg = _load_error(tmp_path, "qwen3moe", CASES["qwen3moe"].spec, fewer_experts)
+    assert "blk.1.ffn_up_exps.weight" in msg and "[32, 16, 4]" in msg
+    too_many = CASES["qwen3moe"].spec.with_(extra_kv=dict(MOE_KV, **{"qwen3moe.expert_used_count": 5}))
+    assert "expert_used_count" in _load_error(tmp_path, "qwen3moe", too_many, lambda w: None)
+
+
+def test_phi3_needs_a_qkv_projection(tmp_path: Path) -> None:
+    msg = _load_error(tmp_path, "phi3-short", CASES["phi3-short"].spec, lambda w: w.pop("blk.0.attn_qkv.weight"))
+    assert "attn_qkv" in msg
