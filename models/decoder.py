@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import numpy.typing as npt
 
 from kvcache.base import Cache
 from kvcache.batch import BatchCache
@@ -64,6 +65,11 @@ class DecoderParams:
     n_ff_exp: int = 0
     expert_weights_norm: bool = False  # the top-k router weights are renormalised to sum to 1
     expert_weights_scale: float = 0.0  # multiplies the router weights when not 0 or 1
+    # Query temperature (mistral3, llama4): q *= 1 + attn_temp_scale * ln(floor((pos + offset) / floor) + 1)
+    attn_temp_scale: float = 0.0
+    attn_temp_floor: int = 0
+    attn_temp_offset: float = 0.0
+    nope_layers: tuple[bool, ...] = ()  # llama4: layers without RoPE (the temperature applies on these only)
 
     @staticmethod
     def read(b: Backend, **overrides: Any) -> DecoderParams:
@@ -94,6 +100,14 @@ class DecoderParams:
         Hugging Face models hide a key once pos_q - pos_k >= window, so a token sees `window` positions, itself
         included (Ollama v0.6.8 let it see one more)."""
         return self.window - 1
+
+    def temperature_for(self, il: int) -> bool:
+        return bool(self.attn_temp_scale) and (not self.nope_layers or self.nope_layers[il])
+
+    def temperatures(self, positions: npt.NDArray[np.int32]) -> npt.NDArray[np.float32]:
+        """The per-token query scale [n, 1, 1] (numpy order) for the batch's positions."""
+        steps = np.floor((positions.astype(np.float64) + self.attn_temp_offset) / max(self.attn_temp_floor, 1))
+        return (1.0 + self.attn_temp_scale * np.log(steps + 1.0)).astype(np.float32).reshape(-1, 1, 1)
 
     def base_for(self, il: int) -> float:
         return self.rope_base_swa if self.swa_layers[il] else self.rope_base
@@ -132,13 +146,18 @@ class Block(Module):
             k = self.attn_k_norm.forward(ctx, k, p.eps)
         return q, k
 
+    def after_rope(self, ctx: Context, q: Tensor, k: Tensor, il: int, p: DecoderParams) -> tuple[Tensor, Tensor]:
+        """A hook after RoPE (llama4: weightless q/k RMSNorm on RoPE layers)."""
+        return q, k
+
     def ffn(self, ctx: Context, h: Tensor, p: DecoderParams) -> Tensor:
         """The gated FFN (phi3 fuses gate and up; models.moe routes to experts)."""
         gate, up = self.ffn_gate.forward(ctx, h), self.ffn_up.forward(ctx, h)
         return self.ffn_down.forward(ctx, gate.geglu(ctx, up) if p.gelu else gate.swiglu(ctx, up))
 
     def forward(self, ctx: Context, x: Tensor, positions: Tensor, outputs: Tensor | None, cache: Cache,
-                il: int, p: DecoderParams, rope_freqs: Tensor | None, flash: bool) -> Tensor:
+                il: int, p: DecoderParams, rope_freqs: Tensor | None, flash: bool,
+                q_scale: Tensor | None = None) -> Tensor:
         n = _n_tokens(x)
         h = x if self.attn_norm is None else self.attn_norm.forward(ctx, x, p.eps)  # olmo2: no pre-norm
         q, k, v = self.project_qkv(ctx, h, p)
@@ -146,8 +165,12 @@ class Block(Module):
         k = k.reshape(ctx, p.head_dim_k, p.n_head_kv, n)
         v = v.reshape(ctx, p.head_dim_v, p.n_head_kv, n)
         q, k = self.norm_heads(ctx, q, k, p)
-        q = rope(ctx, q, positions, il, p, rope_freqs)
-        k = rope(ctx, k, positions, il, p, rope_freqs)
+        if not (p.nope_layers and p.nope_layers[il]):
+            q = rope(ctx, q, positions, il, p, rope_freqs)
+            k = rope(ctx, k, positions, il, p, rope_freqs)
+        q, k = self.after_rope(ctx, q, k, il, p)
+        if q_scale is not None and p.temperature_for(il):
+            q = q.mul(ctx, q_scale)
         cache.put(ctx, il, k, v)
         keys, values, mask = cache.get(ctx, il)
         a = attention(ctx, q, keys, values, mask, p.attn_scale or 1.0 / math.sqrt(p.head_dim_k),
@@ -220,10 +243,11 @@ class Decoder(Module):
         x = self.token_embd.forward(ctx, ids)  # [n_embd, n_tokens]
         if p.embed_scale != 1.0:
             x = x.scale(ctx, p.embed_scale)
+        q_scale = ctx.from_numpy(p.temperatures(batch.positions)) if p.attn_temp_scale else None
         for il, block in enumerate(self.blk):
             last = il == p.n_layer - 1
             x = block.forward(ctx, x, positions, outputs if last else None, cache, il, p, self.freq_factors(),
-                              self.flash)
+                              self.flash, q_scale)
         return self.output_norm.forward(ctx, x, p.eps)
 
     @property
@@ -238,7 +262,9 @@ class Decoder(Module):
         return pool(ctx, self.hidden(ctx, batch, cache, None), batch.seqs, p.pooling)
 
     def shift(self, ctx: Context, il: int, key: Tensor, delta: Tensor) -> Tensor:
-        """Re-rotate cached keys by `delta` positions with layer il's RoPE settings."""
+        """Re-rotate cached keys by `delta` positions with layer il's RoPE settings (NoPE layers: unchanged)."""
+        if self.params.nope_layers and self.params.nope_layers[il]:
+            return key
         return rope(ctx, key, delta, il, self.params, self.freq_factors(), shift=True)
 
     def freq_factors(self) -> Tensor | None:

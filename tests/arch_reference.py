@@ -113,6 +113,11 @@ class Ref:
     logit_scale: float = 1.0
     n_expert_used: int = 0
     expert_norm: bool = False
+    q_temp: Callable[[np.ndarray], np.ndarray] | None = None  # positions -> query scale (mistral3, llama4)
+    nope: Callable[[int], bool] = lambda il: False  # llama4: layers without RoPE (the temperature goes there)
+    chunk: Callable[[int], int] = lambda il: 0  # llama4: chunked attention (0: none)
+    qk_rms: bool = False  # llama4: weightless RMSNorm of q and k after RoPE, on RoPE layers
+    moe_sigmoid: bool = False  # llama4: sigmoid router weights applied to the expert input, plus a shared expert
     off: dict[str, bool] = field(default_factory=dict)  # features switched off, to prove the tests notice
 
 
@@ -152,11 +157,22 @@ def forward(r: Ref, w: dict[str, np.ndarray], tokens: list[int],
         if p + "attn_q_norm.weight" in W and not full_norm and not off.get("no_qk_norm"):
             q, k = rms_norm(q, W[p + "attn_q_norm.weight"], r.eps), rms_norm(k, W[p + "attn_k_norm.weight"], r.eps)
         inv, mag = r.inv_freq(il), 1.0 if off.get("no_magnitude") else r.magnitude(il)
-        q = rope(q, pos, r.n_rot, inv, neox=r.neox, magnitude=mag)
-        k = rope(k, pos, r.n_rot, inv, neox=r.neox, magnitude=mag)
+        nope = r.nope(il) and not off.get("no_nope")
+        if not nope:
+            q = rope(q, pos, r.n_rot, inv, neox=r.neox, magnitude=mag)
+            k = rope(k, pos, r.n_rot, inv, neox=r.neox, magnitude=mag)
+            if r.qk_rms and not off.get("no_qk_norm"):
+                q, k = rms_norm(q, 1.0, r.eps), rms_norm(k, 1.0, r.eps)
+        if r.q_temp is not None and (nope or not any(r.nope(i) for i in range(n_layer))) \
+                and not off.get("no_temperature"):
+            q = q * r.q_temp(pos)[:, None, None]
         scale = 1.0 / math.sqrt(r.head_dim) if not r.attn_scale or off.get("no_attn_scale") else r.attn_scale
-        att = lin(p + "attn_output", attention(q, k, v, pos, scale, window=0 if off.get("no_window")
-                                               else r.window(il)))
+        chunk = 0 if off.get("no_chunk") else r.chunk(il)
+        if chunk:
+            att = chunked_attention(q, k, v, pos, scale, chunk)
+        else:
+            att = attention(q, k, v, pos, scale, window=0 if off.get("no_window") else r.window(il))
+        att = lin(p + "attn_output", att)
         if p + "post_attention_norm.weight" in W and not off.get("no_post_norms"):
             att = rms_norm(att, W[p + "post_attention_norm.weight"], r.eps)
         x = x + res_scale * att
@@ -170,6 +186,19 @@ def forward(r: Ref, w: dict[str, np.ndarray], tokens: list[int],
     return logits / (1.0 if off.get("no_logit_scale") else r.logit_scale)
 
 
+def chunked_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, scale: float,
+                      chunk: int) -> np.ndarray:
+    """Causal attention within fixed chunks of positions (a key is visible iff in the query's chunk)."""
+    n_tok, n_head, _ = q.shape
+    group = n_head // k.shape[1]
+    visible = (pos[:, None] >= pos[None, :]) & (pos[:, None] // chunk == pos[None, :] // chunk)
+    out = np.empty((n_tok, n_head, v.shape[2]))
+    for h in range(n_head):
+        s = np.where(visible, q[:, h] @ k[:, h // group].T * scale, -np.inf)
+        out[:, h] = softmax(s) @ v[:, h // group]
+    return out.reshape(n_tok, -1)
+
+
 def ffn(W: dict[str, np.ndarray], p: str, h: np.ndarray, lin: Callable[[str, np.ndarray], np.ndarray]) -> np.ndarray:
     if p + "ffn_gate.weight" in W:
         return lin(p + "ffn_down", silu(lin(p + "ffn_gate", h)) * lin(p + "ffn_up", h))
@@ -180,7 +209,8 @@ def ffn(W: dict[str, np.ndarray], p: str, h: np.ndarray, lin: Callable[[str, np.
 
 def moe(r: Ref, W: dict[str, np.ndarray], p: str, h: np.ndarray,
         chosen: list[list[tuple[int, ...]]] | None) -> np.ndarray:
-    probs = softmax(h @ W[p + "ffn_gate_inp.weight"].T)  # (T, n_expert)
+    logits = h @ W[p + "ffn_gate_inp.weight"].T
+    probs = 1.0 / (1.0 + np.exp(-logits)) if r.moe_sigmoid else softmax(logits)  # (T, n_expert)
     out = np.zeros_like(h)
     picks: list[tuple[int, ...]] = []
     for t in range(h.shape[0]):
@@ -190,9 +220,14 @@ def moe(r: Ref, W: dict[str, np.ndarray], p: str, h: np.ndarray,
         if r.expert_norm and not r.off.get("no_expert_norm"):
             wts = wts / wts.sum()
         for e, wt in zip(top, wts):
-            g = W[p + "ffn_gate_exps.weight"][e] @ h[t]
-            u = W[p + "ffn_up_exps.weight"][e] @ h[t]
-            out[t] += wt * (W[p + "ffn_down_exps.weight"][e] @ (silu(g) * u))
+            xin = wt * h[t] if r.moe_sigmoid else h[t]  # llama4 weighs the expert's input
+            g = W[p + "ffn_gate_exps.weight"][e] @ xin
+            u = W[p + "ffn_up_exps.weight"][e] @ xin
+            y = W[p + "ffn_down_exps.weight"][e] @ (silu(g) * u)
+            out[t] += y if r.moe_sigmoid else wt * y
+    if p + "ffn_gate_shexp.weight" in W and not r.off.get("no_shared_expert"):
+        out += (silu(h @ W[p + "ffn_gate_shexp.weight"].T) * (h @ W[p + "ffn_up_shexp.weight"].T)) \
+            @ W[p + "ffn_down_shexp.weight"].T
     if chosen is not None:
         chosen.append(picks)
     return out

@@ -206,6 +206,10 @@ CASES: dict[str, Case] = {
                        alt={"long": _phi3_ref(LONG)}),
     "phi3-long": Case(phi3_spec(), _phi3, _phi3_ref(LONG), ("alt:short",), n_ctx_seq=33,
                       alt={"short": _phi3_ref(SHORT)}),
+    "mistral3": Case(TinySpec(arch="mistral3", rope_dim=8, extra_kv={"mistral3.rope.scaling.original_context_length": 4,
+                                                                    "mistral3.rope.scaling_beta": 0.5}),
+                     same, lambda s: base_ref(s, False, q_temp=lambda pos: 1 + 0.5 * np.log(1 + np.floor(pos / 4))),
+                     ("no_temperature",)),
     "phi3-sliding-window": Case(phi3_spec(window=5), _phi3, _phi3_ref(SHORT, 5), ("no_window",), n_ctx_seq=16),
 }
 
@@ -339,7 +343,7 @@ def test_unknown_rope_scaling_type_is_a_load_error(tmp_path: Path) -> None:
 
 
 def test_registry_lists_the_new_architectures(tmp_path: Path) -> None:
-    assert {"granite", "olmo2", "phi3", "qwen3", "qwen3moe"} <= set(supported_architectures())
+    assert {"granite", "mistral3", "olmo2", "phi3", "qwen3", "qwen3moe"} <= set(supported_architectures())
     path = tmp_path / "x.gguf"
     write_gguf(path, llama_spec(), arch="mamba")
     backend = load_backend(path, RuntimeOptions(threads=1))
