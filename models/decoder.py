@@ -70,6 +70,11 @@ class DecoderParams:
     attn_temp_floor: int = 0
     attn_temp_offset: float = 0.0
     nope_layers: tuple[bool, ...] = ()  # llama4: layers without RoPE (the temperature applies on these only)
+    chunk: int = 0  # llama4: chunked attention (a key is visible only within the query's chunk of positions)
+    chunk_layers: tuple[bool, ...] = ()
+    qk_rms_norm: bool = False  # llama4: weightless RMSNorm of q and k after RoPE (on RoPE layers)
+    moe_sigmoid: bool = False  # llama4: sigmoid router weights on the expert input, a shared expert beside
+    moe_layers: tuple[bool, ...] = ()  # which layers route to experts when not all do (llama4 interleaves)
 
     @staticmethod
     def read(b: Backend, **overrides: Any) -> DecoderParams:

@@ -27,12 +27,16 @@ class MoeBlock(Block):
     ffn_gate_exps: Tensor = weight(shape=lambda p: (p.n_embd, p.n_ff_exp, p.n_expert))
     ffn_up_exps: Tensor = weight(shape=lambda p: (p.n_embd, p.n_ff_exp, p.n_expert))
     ffn_down_exps: Tensor = weight(shape=lambda p: (p.n_ff_exp, p.n_embd, p.n_expert))
+    ffn_gate_shexp: Linear | None = weight(optional=True, shape=lambda p: (p.n_embd, p.n_ff_exp))
+    ffn_up_shexp: Linear | None = weight(optional=True, shape=lambda p: (p.n_embd, p.n_ff_exp))
+    ffn_down_shexp: Linear | None = weight(optional=True, shape=lambda p: (p.n_ff_exp, p.n_embd))
 
     def ffn(self, ctx: Context, h: Tensor, p: DecoderParams) -> Tensor:
         n_embd, n = h.shape[0], (tuple(h.shape) + (1,))[1]
         k = p.n_expert_used
-        probs = self.ffn_gate_inp.forward(ctx, h).softmax(ctx)  # [n_expert, n]
-        chosen = probs.top_k(ctx, k)  # I32 [k, n]
+        logits = self.ffn_gate_inp.forward(ctx, h)  # [n_expert, n]
+        probs = logits.sigmoid(ctx) if p.moe_sigmoid else logits.softmax(ctx)
+        chosen = probs.top_k(ctx, k)  # I32 [k, n] (sigmoid is monotonic: the same as the logits' top k)
         weights = probs.reshape(ctx, 1, p.n_expert, n).get_rows(ctx, chosen)  # [1, k, n]
         if p.expert_weights_norm:
             w = weights.reshape(ctx, k, n)
@@ -43,12 +47,20 @@ class MoeBlock(Block):
         x = h.reshape(ctx, n_embd, 1, n)
         up = self.ffn_up_exps.matmul_id(ctx, x, chosen)  # [n_ff_exp, k, n]
         gate = self.ffn_gate_exps.matmul_id(ctx, x, chosen)
+        if p.moe_sigmoid:  # llama4 weighs the expert's input; gate and up are linear in it
+            up, gate = up.mul(ctx, weights), gate.mul(ctx, weights)
         out = self.ffn_down_exps.matmul_id(ctx, gate.swiglu(ctx, up), chosen)  # [n_embd, k, n]
-        out = out.mul(ctx, weights)
+        if not p.moe_sigmoid:
+            out = out.mul(ctx, weights)
         total_out = out.view(ctx, 0, (n_embd, n), (out.stride(2),))
         for i in range(1, k):  # sum over the chosen experts, in the order top_k gave them
             total_out = total_out.add(ctx, out.view(ctx, i * out.stride(1), (n_embd, n), (out.stride(2),)))
-        return total_out if k > 1 else total_out.contiguous(ctx)
+        if k == 1:
+            total_out = total_out.contiguous(ctx)
+        if self.ffn_gate_shexp is not None and self.ffn_up_shexp is not None and self.ffn_down_shexp is not None:
+            shared = self.ffn_gate_shexp.forward(ctx, h).swiglu(ctx, self.ffn_up_shexp.forward(ctx, h))
+            total_out = total_out.add(ctx, self.ffn_down_shexp.forward(ctx, shared))
+        return total_out
 
 
 @dataclass(kw_only=True)

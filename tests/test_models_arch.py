@@ -84,10 +84,12 @@ YARN_KV = {"llama.rope.scaling.type": "yarn", "llama.rope.scaling.factor": 4.0,
 N_EXPERT, N_USED, N_FF_EXP = 4, 2, 16
 
 
-def _experts(w: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Replace each dense FFN by a router and stacked experts (numpy order (n_expert, n_out, n_in))."""
+def _experts(w: dict[str, np.ndarray], rng: np.random.Generator,
+             layers: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+    """Replace dense FFNs (all, or those of `layers`) by a router and stacked experts (numpy order
+    (n_expert, n_out, n_in))."""
     n_embd = w["token_embd.weight"].shape[1]
-    for il in range(1 + max(int(k.split(".")[1]) for k in w if k.startswith("blk."))):
+    for il in layers or range(1 + max(int(k.split(".")[1]) for k in w if k.startswith("blk."))):
         p = f"blk.{il}."
         for name in ("ffn_gate", "ffn_up", "ffn_down"):
             del w[p + name + ".weight"]
@@ -169,6 +171,31 @@ def _phi3_ref(factors: np.ndarray, window: int = 0) -> Callable[[TinySpec], Ref]
                               magnitude=lambda il: longrope_magnitude(256, 32), window=lambda il: window)
 
 
+def _llama4(w: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Layers 1 and 3 (interleave step 2) route to experts, with a shared expert beside."""
+    n_embd = w["token_embd.weight"].shape[1]
+    w = _experts(w, rng, layers=(1, 3))
+    for il in (1, 3):
+        p = f"blk.{il}."
+        w[p + "ffn_gate_shexp.weight"] = (rng.standard_normal((N_FF_EXP, n_embd)) / np.sqrt(n_embd)).astype(np.float32)
+        w[p + "ffn_up_shexp.weight"] = (rng.standard_normal((N_FF_EXP, n_embd)) / np.sqrt(n_embd)).astype(np.float32)
+        w[p + "ffn_down_shexp.weight"] = (rng.standard_normal((n_embd, N_FF_EXP)) / np.sqrt(N_FF_EXP)).astype(
+            np.float32)
+    return w
+
+
+LLAMA4_KV = {"llama4.expert_count": N_EXPERT, "llama4.expert_used_count": 1,
+             "llama4.expert_feed_forward_length": N_FF_EXP, "llama4.interleave_moe_layer_step": 2,
+             "llama4.attention.chunk_size": 3, "llama4.attention.temperature_length": 2,
+             "llama4.attention.temperature_scale": 0.5}
+
+
+def _llama4_ref(s: TinySpec) -> Ref:
+    return base_ref(s, False, nope=lambda il: (il + 1) % 4 == 0, chunk=lambda il: 3 if il % 4 < 3 else 0,
+                    q_temp=lambda pos: 1 + 0.5 * np.log(np.floor((pos + 1) / 2) + 1), qk_rms=True,
+                    moe_sigmoid=True, n_expert_used=1)
+
+
 CASES: dict[str, Case] = {
     "rope-linear": Case(llama_spec(rope_scale_factor=4.0), same, _linear(4.0), ("alt:unscaled",),
                         alt={"unscaled": _linear(1.0)}),
@@ -210,6 +237,8 @@ CASES: dict[str, Case] = {
                                                                     "mistral3.rope.scaling_beta": 0.5}),
                      same, lambda s: base_ref(s, False, q_temp=lambda pos: 1 + 0.5 * np.log(1 + np.floor(pos / 4))),
                      ("no_temperature",)),
+    "llama4": Case(TinySpec(arch="llama4", n_layer=4, rope_dim=8, extra_kv=LLAMA4_KV), _llama4, _llama4_ref,
+                   ("no_nope", "no_chunk", "no_temperature", "no_qk_norm", "no_shared_expert")),
     "phi3-sliding-window": Case(phi3_spec(window=5), _phi3, _phi3_ref(SHORT, 5), ("no_window",), n_ctx_seq=16),
 }
 
@@ -343,7 +372,7 @@ def test_unknown_rope_scaling_type_is_a_load_error(tmp_path: Path) -> None:
 
 
 def test_registry_lists_the_new_architectures(tmp_path: Path) -> None:
-    assert {"granite", "mistral3", "olmo2", "phi3", "qwen3", "qwen3moe"} <= set(supported_architectures())
+    assert {"granite", "llama4", "mistral3", "olmo2", "phi3", "qwen3", "qwen3moe"} <= set(supported_architectures())
     path = tmp_path / "x.gguf"
     write_gguf(path, llama_spec(), arch="mamba")
     backend = load_backend(path, RuntimeOptions(threads=1))
