@@ -161,7 +161,7 @@ def _phi3(w: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.nd
 
 
 def phi3_spec(**kw: Any) -> TinySpec:
-    base: dict[str, Any] = dict(arch="phi3", tied=False, rope_dim=8, tokenizer="llama", extra_kv=PHI3_KV)
+    base: dict[str, Any] = dict(arch="phi3", tied=False, rope_dim=8, extra_kv=PHI3_KV)
     base.update(kw)
     return TinySpec(**base)
 

@@ -171,7 +171,7 @@ def write_gguf(path: str | Path, spec: TinySpec, tensors: dict[str, np.ndarray] 
         del w[name]
     w.update(add or {})
     writer = gguf.GGUFWriter(str(path), arch or s.arch)
-    writer.add_name(f"tiny-{s.arch}")
+    writer.add_name("tiny random model")  # not the family name: llama.cpp keys vocab quirks on it (phi-3)
     a = s.arch
     writer.add_uint32(f"{a}.context_length", 256)
     writer.add_uint32(f"{a}.embedding_length", s.n_embd)
