@@ -12,15 +12,9 @@ from dataclasses import dataclass
 from ml.backend import Backend, Context, Tensor
 from ml.errors import MissingWeight
 from ml.module import weight
-from ml.nn import Linear
+from ml.nn import Linear, row_slice
 from models.decoder import Block, Decoder, DecoderParams
 from models.registry import register
-
-
-def _rows(ctx: Context, t: Tensor, start: int, count: int) -> Tensor:
-    """Rows start..start+count of dim 0 of a [n, n_tokens] tensor, contiguous."""
-    n_tokens = (tuple(t.shape) + (1,))[1]
-    return t.view(ctx, start * t.dtype.row_bytes(1), (count, n_tokens), (t.stride(1),)).contiguous(ctx)
 
 
 @dataclass(kw_only=True)
@@ -42,11 +36,11 @@ class Phi3Block(Block):
             return super().project_qkv(ctx, h, p)
         qkv = self.attn_qkv.forward(ctx, h)
         nq, nk, nv = p.n_head * p.head_dim_k, p.n_head_kv * p.head_dim_k, p.n_head_kv * p.head_dim_v
-        return _rows(ctx, qkv, 0, nq), _rows(ctx, qkv, nq, nk), _rows(ctx, qkv, nq + nk, nv)
+        return row_slice(ctx, qkv, 0, nq), row_slice(ctx, qkv, nq, nk), row_slice(ctx, qkv, nq + nk, nv)
 
     def ffn(self, ctx: Context, h: Tensor, p: DecoderParams) -> Tensor:
         gate_up = self.ffn_up.forward(ctx, h)
-        gate, up = _rows(ctx, gate_up, 0, p.n_ff), _rows(ctx, gate_up, p.n_ff, p.n_ff)
+        gate, up = row_slice(ctx, gate_up, 0, p.n_ff), row_slice(ctx, gate_up, p.n_ff, p.n_ff)
         return self.ffn_down.forward(ctx, gate.swiglu(ctx, up))
 
 
