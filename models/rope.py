@@ -44,6 +44,9 @@ class RopeScaling:
             raise ModelLoadError(f"unsupported {b.architecture}.rope.scaling.type {kind!r}; this runner supports "
                                  f"{', '.join(SCALING_TYPES)}")
         factor = b.float("rope.scaling.factor", 0.0) or b.float("rope.scale_linear", 0.0)
+        if not math.isfinite(factor) or factor < 0.0:
+            raise ModelLoadError(f"invalid hyper-parameter {b.architecture}.rope.scaling.factor = {factor}: must be "
+                                 f"finite and positive")
         freq_scale = 1.0 / factor if factor and kind != "none" else 1.0
         n_ctx_orig = b.uint("rope.scaling.original_context_length", 0) or n_ctx_train
         ext_factor = b.float("rope.scaling.yarn_ext_factor", -1.0)
@@ -56,9 +59,15 @@ class RopeScaling:
             attn_factor = _yarn_mscale(f, 1.0) / _yarn_mscale(f, log_mul) if log_mul else _yarn_mscale(f, 1.0)
             attn_factor /= 1.0 + 0.1 * math.log(f)  # ggml multiplies this back in (see the module docstring)
         attn_factor *= b.float("rope.scaling.attn_factor", 1.0)
-        return RopeScaling(kind=kind, freq_scale=freq_scale, n_ctx_orig=n_ctx_orig, ext_factor=ext_factor,
-                           attn_factor=attn_factor, beta_fast=b.float("rope.scaling.yarn_beta_fast", 32.0),
-                           beta_slow=b.float("rope.scaling.yarn_beta_slow", 1.0))
+        out = RopeScaling(kind=kind, freq_scale=freq_scale, n_ctx_orig=n_ctx_orig, ext_factor=ext_factor,
+                          attn_factor=attn_factor, beta_fast=b.float("rope.scaling.yarn_beta_fast", 32.0),
+                          beta_slow=b.float("rope.scaling.yarn_beta_slow", 1.0))
+        for name, value in (("yarn_ext_factor", out.ext_factor), ("attn_factor", out.attn_factor),
+                            ("yarn_beta_fast", out.beta_fast), ("yarn_beta_slow", out.beta_slow)):
+            if not math.isfinite(value) or value < 0.0 or (name.startswith("yarn_beta") and value == 0.0):
+                raise ModelLoadError(f"invalid hyper-parameter {b.architecture}.rope.scaling.{name} = {value}: "
+                                     f"must be finite and positive")
+        return out
 
     def shift_attn_factor(self, freq_scale: float) -> float:
         """The attn_factor that makes a cache shift a pure rotation: re-rotating keys must not scale them by the

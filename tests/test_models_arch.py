@@ -435,3 +435,21 @@ def test_expert_shapes_and_counts_are_checked_at_load(tmp_path: Path) -> None:
 def test_phi3_needs_a_qkv_projection(tmp_path: Path) -> None:
     msg = _load_error(tmp_path, "phi3-short", CASES["phi3-short"].spec, lambda w: w.pop("blk.0.attn_qkv.weight"))
     assert "attn_qkv" in msg
+
+
+@pytest.mark.parametrize("spec,match", [
+    (TinySpec(arch="granite", extra_kv=dict(GRANITE_KV, **{"granite.logit_scale": 0.0})), "granite.logit_scale"),
+    (TinySpec(arch="granite", extra_kv=dict(GRANITE_KV, **{"granite.residual_scale": float("nan")})),
+     "granite.residual_scale"),
+    (llama_spec(extra_kv=dict(YARN_KV, **{"llama.rope.scaling.yarn_beta_slow": -1.0})), "yarn_beta_slow"),
+    (llama_spec(extra_kv=dict(YARN_KV, **{"llama.rope.scaling.factor": -4.0})), "rope.scaling.factor"),
+], ids=["granite-logit-scale-0", "granite-residual-nan", "yarn-negative-beta", "yarn-negative-factor"])
+def test_bad_scales_are_load_errors(tmp_path: Path, spec: TinySpec, match: str) -> None:
+    path = tmp_path / "bad.gguf"
+    write_gguf(path, spec)
+    backend = load_backend(path, RuntimeOptions(threads=1))
+    try:
+        with pytest.raises(ModelLoadError, match=match):
+            load_model(backend)
+    finally:
+        backend.close()
