@@ -453,3 +453,30 @@ def test_bad_scales_are_load_errors(tmp_path: Path, spec: TinySpec, match: str) 
             load_model(backend)
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("name", ["qwen3moe", "llama4"])
+def test_moe_logits_do_not_depend_on_batching(tmp_path: Path, name: str) -> None:
+    """A sequence's logits are bit-identical alone and next to another sequence (whose tokens route to other
+    experts) in the same batch: routing and mul_mat_id keep results batch-invariant. Every token's logits are
+    asked for: ggml multiplies F32 weights by a single row in another order than by several (a GEMV path; the
+    quantized weights of real files do not), and the tiny files are F32."""
+    loaded = load_case(name, CASES[name], tmp_path / "m.gguf")
+    other = [9, 4, 33, 2, 50, 13, 61]
+    try:
+        def run(parts: list[tuple[list[int], int]]) -> np.ndarray:
+            c = loaded.model.new_cache(flash=True)
+            c.init(loaded.backend, DType.F16, 2, 256, 64)
+            try:
+                toks = np.array([t for p, _ in parts for t in p], np.int32)
+                pos = np.concatenate([np.arange(len(p)) for p, _ in parts]).astype(np.int32)
+                seqs = np.array([s for p, s in parts for _ in p], np.int32)
+                return loaded.logits(Batch(toks, pos, seqs, np.arange(len(toks), dtype=np.int32)), c)
+            finally:
+                c.close()
+
+        alone = run([(PROMPT, 0)])
+        assert np.array_equal(run([(other, 1), (PROMPT, 0)])[len(other):], alone)
+        assert np.array_equal(run([(PROMPT, 0), (other, 1)])[:len(PROMPT)], alone)
+    finally:
+        loaded.backend.close()
