@@ -40,7 +40,8 @@ class NomicBertBlock(BertBlock):
 @register("nomic-bert")
 @dataclass(kw_only=True)
 class NomicBert(Bert):
-    token_types: Tensor | None = weight(optional=True, shape=lambda p: (p.n_embd, p.n_token_types))  # type: ignore[assignment]
+    token_types: Tensor | None = weight(  # type: ignore[assignment]
+        optional=True, shape=lambda p: (p.n_embd, p.n_token_types))
     position_embd: Tensor | None = weight(optional=True)  # type: ignore[assignment]
     blk: list[NomicBertBlock] = weight(count=lambda p: p.n_layer)  # type: ignore[assignment]
 

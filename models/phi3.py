@@ -21,9 +21,12 @@ from models.registry import register
 class Phi3Block(Block):
     attn_qkv: Linear | None = weight(optional=True, shape=lambda p: (
         p.n_embd, p.n_head * p.head_dim_k + p.n_head_kv * (p.head_dim_k + p.head_dim_v)))
-    attn_q: Linear | None = weight(optional=True, shape=lambda p: (p.n_embd, p.n_head * p.head_dim_k))  # type: ignore[assignment]
-    attn_k: Linear | None = weight(optional=True, shape=lambda p: (p.n_embd, p.n_head_kv * p.head_dim_k))  # type: ignore[assignment]
-    attn_v: Linear | None = weight(optional=True, shape=lambda p: (p.n_embd, p.n_head_kv * p.head_dim_v))  # type: ignore[assignment]
+    attn_q: Linear | None = weight(  # type: ignore[assignment]
+        optional=True, shape=lambda p: (p.n_embd, p.n_head * p.head_dim_k))
+    attn_k: Linear | None = weight(  # type: ignore[assignment]
+        optional=True, shape=lambda p: (p.n_embd, p.n_head_kv * p.head_dim_k))
+    attn_v: Linear | None = weight(  # type: ignore[assignment]
+        optional=True, shape=lambda p: (p.n_embd, p.n_head_kv * p.head_dim_v))
     ffn_gate: Linear | None = weight(optional=True)  # type: ignore[assignment]
     ffn_up: Linear = weight(shape=lambda p: (p.n_embd, 2 * p.n_ff))
 
