@@ -137,6 +137,27 @@ def olmo2_spec(**kw: Any) -> TinySpec:
     return TinySpec(**base)
 
 
+def _olmo2_yarn_ref(s: TinySpec, yarn_local: bool = False) -> Ref:
+    """OLMo 3 style: YaRN on the full-attention layers only; window layers keep the plain base RoPE."""
+    plain = inv_freq_plain(s.rope_base, s.n_rot)
+    local = [il % 4 < 3 for il in range(s.n_layer)]
+    yarn = inv_freq_yarn(s.rope_base, s.n_rot, 4.0, 4096)
+    return base_ref(s, True, window=lambda il: 3 if local[il] else 0,
+                    inv_freq=lambda il: plain if local[il] and not yarn_local else yarn,
+                    magnitude=lambda il: 1.0 if local[il] and not yarn_local else 0.8 * yarn_magnitude(4.0))
+
+
+def _phi3_unfused_qkv(w: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Phi-3 with separate q/k/v projections (create_tensor_qkv accepts both layouts)."""
+    w = _phi3(w, rng)
+    for k in [k for k in w if k.endswith("attn_qkv.weight")]:
+        qkv = w.pop(k)
+        nq = w[k.replace("attn_qkv", "attn_output")].shape[1]  # n_head * head_dim
+        nk = (qkv.shape[0] - nq) // 2
+        w[k.replace("qkv", "q")], w[k.replace("qkv", "k")], w[k.replace("qkv", "v")] = np.split(qkv, [nq, nq + nk])
+    return w
+
+
 def _olmo2_swa_ref(s: TinySpec, scale_local: bool = False) -> Ref:
     plain = inv_freq_plain(s.rope_base, s.n_rot)
     local = [il % 4 < 3 for il in range(s.n_layer)]
@@ -229,6 +250,12 @@ CASES: dict[str, Case] = {
     "olmo2-sliding-window": Case(
         olmo2_spec(n_layer=4, window=3, rope_scale_factor=2.0), _olmo2, _olmo2_swa_ref,
         ("no_window", "alt:scaled_local"), alt={"scaled_local": lambda s: _olmo2_swa_ref(s, True)}),
+    "olmo2-sliding-window-yarn": Case(
+        olmo2_spec(n_layer=4, window=3, extra_kv={"olmo2.rope.scaling.type": "yarn", "olmo2.rope.scaling.factor": 4.0,
+                                                  "olmo2.rope.scaling.original_context_length": 4096,
+                                                  "olmo2.rope.scaling.attn_factor": 0.8}),
+        _olmo2, _olmo2_yarn_ref, ("alt:yarn_local",), alt={"yarn_local": lambda s: _olmo2_yarn_ref(s, True)}),
+    "phi3-unfused-qkv": Case(phi3_spec(), _phi3_unfused_qkv, _phi3_ref(SHORT), (), n_ctx_seq=32),
     "phi3-short": Case(phi3_spec(), _phi3, _phi3_ref(SHORT), ("alt:long", "no_magnitude"), n_ctx_seq=32,
                        alt={"long": _phi3_ref(LONG)}),
     "phi3-long": Case(phi3_spec(), _phi3, _phi3_ref(LONG), ("alt:short",), n_ctx_seq=33,
