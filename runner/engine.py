@@ -132,7 +132,8 @@ class Engine:
         # ggml's fused attention kernel is ~25% faster per decode step on the CPU than the unfused path (measured
         # with SmolLM2), so it is used whenever K and V heads match; --flash-attn only adds quantized KV types.
         fused = flash or getattr(model.params, "head_dim_k", 0) == getattr(model.params, "head_dim_v", -1)
-        self.cache = model.new_cache(flash=fused) if self.can_generate else None
+        # n_ctx_seq: LongRoPE models (phi3) choose their long or short factors by the context a sequence gets
+        self.cache = model.new_cache(flash=fused, n_ctx_seq=self.n_ctx_slot) if self.can_generate else None
         if self.cache is not None:
             self.cache.init(backend, kv_type, self.parallel, self.n_ctx_slot * self.parallel, self.n_batch)
         # An input to embed gets the runner's context, and never more positions than the model was trained on
