@@ -1,15 +1,22 @@
-"""gemma2 and gemma3 (text): embeddings scaled by sqrt(n_embd), GeGLU, post-norms, sliding-window layers;
-gemma2 adds attention/final soft-capping, gemma3 adds q/k RMSNorm and a local RoPE base for window layers."""
+"""gemma2 and gemma3: embeddings scaled by sqrt(n_embd), GeGLU, post-norms, sliding-window layers; gemma2 adds
+attention/final soft-capping, gemma3 adds q/k RMSNorm, a local RoPE base for window layers and, in files that carry
+one, a SigLIP vision tower with its projector (models.vision.siglip)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
-from ml.backend import Backend
-from ml.module import weight
+import numpy as np
+import numpy.typing as npt
+
+from ml.backend import Backend, Context, Tensor
+from ml.module import hyper, weight
 from ml.nn import RMSNorm
 from models.decoder import Block, Decoder, DecoderParams
 from models.registry import register
+from models.vision.image import ImageSpec
+from models.vision.siglip import Gemma3Projector, VisionParams, VisionTower
 
 
 @dataclass(kw_only=True)
@@ -47,13 +54,45 @@ class Gemma2(Decoder):
             final_softcap=backend.float("final_logit_softcapping", 30.0))
 
 
+@dataclass(frozen=True)
+class Gemma3Params(DecoderParams):
+    vision: VisionParams | None = None  # None: a text-only file
+
+
 @register("gemma3")
 @dataclass(kw_only=True)
 class Gemma3(Decoder):
+    params: Gemma3Params = hyper()
     blk: list[Gemma3Block] = weight(count=lambda p: p.n_layer)  # type: ignore[assignment]
+    v: VisionTower | None = weight(optional=True)
+    mm: Gemma3Projector | None = weight(optional=True)
+
+    @property
+    def vision(self) -> VisionParams | None:
+        """The vision hyper-parameters when the file has a complete tower and projector."""
+        return self.params.vision if self.v is not None and self.mm is not None else None
+
+    def image_spec(self) -> ImageSpec:
+        """Gemma 3's processor: a square image_size resize, pixels scaled to [0, 1] and normalised by 0.5 / 0.5."""
+        vision = self.vision
+        assert vision is not None, "image_spec of a text-only gemma3"
+        return ImageSpec(vision.image_size, vision.image_size)
+
+    def encode_image(self, ctx: Context, pixels: npt.NDArray[np.float32]) -> Tensor:
+        """Soft tokens [n_embd, tokens_per_image] of one preprocessed image (float32 [3, H, W])."""
+        vision = self.vision
+        assert vision is not None and self.v is not None and self.mm is not None
+        x = ctx.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))  # ggml [W, H, C]
+        return self.mm.forward(ctx, self.v.forward(ctx, x, vision), vision)
 
     @classmethod
-    def read_params(cls, backend: Backend) -> DecoderParams:
+    def read_params(cls, backend: Backend) -> Gemma3Params:
+        text = cls.read_text_params(backend)
+        values = {f.name: getattr(text, f.name) for f in dataclasses.fields(text)}
+        return Gemma3Params(**values, vision=VisionParams.read(backend, text.n_embd))
+
+    @classmethod
+    def read_text_params(cls, backend: Backend) -> DecoderParams:
         n_layer = backend.uint("block_count")
         n_embd, n_head = backend.uint("embedding_length"), backend.uint("attention.head_count")
         head_dim = backend.uint("attention.key_length", n_embd // n_head)

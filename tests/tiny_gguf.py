@@ -222,3 +222,54 @@ def write_gguf(path: str | Path, spec: TinySpec, tensors: dict[str, np.ndarray] 
     writer.write_tensors_to_file()
     writer.close()
     return w
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """A tiny SigLIP tower + Gemma 3 projector (Ollama's single-file layout: `v.*`, `mm.*`, `<arch>.vision.*`)."""
+
+    n_embd: int = 16
+    n_head: int = 2
+    n_layer: int = 2
+    n_ff: int = 40
+    image_size: int = 16
+    patch_size: int = 4
+    tokens_per_image: int = 4  # 4x4 patches pooled 2x2
+    eps: float = 1e-6
+
+    def kv(self, arch: str = "gemma3") -> dict[str, Any]:
+        v = f"{arch}.vision."
+        return {v + "block_count": self.n_layer, v + "embedding_length": self.n_embd,
+                v + "attention.head_count": self.n_head, v + "feed_forward_length": self.n_ff,
+                v + "image_size": self.image_size, v + "patch_size": self.patch_size, v + "num_channels": 3,
+                v + "attention.layer_norm_epsilon": self.eps, f"{arch}.mm_tokens_per_image": self.tokens_per_image}
+
+
+def make_vision_weights(vs: VisionSpec, n_text_embd: int, seed: int = 1) -> dict[str, np.ndarray]:
+    """Random f32 tower and projector tensors, numpy order (a conv kernel is (out, in, kh, kw), as in torch)."""
+    rng = np.random.default_rng(seed)
+
+    def mat(n_in: int, n_out: int) -> np.ndarray:
+        return np.asarray(rng.standard_normal((n_out, n_in)) / np.sqrt(n_in), dtype=np.float32)
+
+    def vec(n: int, scale: float = 0.3, mean: float = 0.0) -> np.ndarray:
+        return (mean + scale * rng.standard_normal(n)).astype(np.float32)
+
+    d, ps = vs.n_embd, vs.patch_size
+    n_patches = (vs.image_size // ps) ** 2
+    w = {"v.patch_embedding.weight": (rng.standard_normal((d, 3, ps, ps)) / np.sqrt(3 * ps * ps)).astype(np.float32),
+         "v.patch_embedding.bias": vec(d),
+         "v.position_embedding.weight": (0.5 * rng.standard_normal((n_patches, d))).astype(np.float32)}
+    for il in range(vs.n_layer):
+        p = f"v.blk.{il}."
+        for norm in ("layer_norm1", "layer_norm2"):
+            w[p + norm + ".weight"], w[p + norm + ".bias"] = vec(d, 0.2, 1.0), vec(d, 0.2)
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w[p + name + ".weight"], w[p + name + ".bias"] = mat(d, d) * (2.0 if name == "attn_q" else 1.0), vec(d)
+        w[p + "mlp.fc1.weight"], w[p + "mlp.fc1.bias"] = mat(d, vs.n_ff), vec(vs.n_ff)
+        w[p + "mlp.fc2.weight"], w[p + "mlp.fc2.bias"] = mat(vs.n_ff, d), vec(d)
+    w["v.post_layernorm.weight"], w["v.post_layernorm.bias"] = vec(d, 0.2, 1.0), vec(d, 0.2)
+    w["mm.mm_soft_emb_norm.weight"] = vec(d, 0.2, 1.0)
+    # Hugging Face's (vision, text) matrix, stored as is (ggml [n_text, n_vision])
+    w["mm.mm_input_projection.weight"] = (rng.standard_normal((d, n_text_embd)) / np.sqrt(d)).astype(np.float32)
+    return w

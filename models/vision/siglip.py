@@ -1,0 +1,161 @@
+"""The SigLIP vision tower and Gemma 3's multimodal projector, in Ollama's single-file layout: the tower's tensors
+under `v.`, the projector's under `mm.`, hyper-parameters under `<arch>.vision.*`.
+
+Tower (SigLIP, Zhai et al. 2023; HF SiglipVisionModel): a patch_size-strided conv turns the image into patches,
+learned position embeddings are added, pre-norm blocks (LayerNorm with bias, bidirectional multi-head attention,
+tanh-GELU MLP) follow, then a final LayerNorm. Projector (HF Gemma3MultiModalProjector): the patch grid is
+average-pooled to tokens_per_image tokens, RMS-normed and projected into the text embedding width.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ml.backend import Backend, Context, Tensor
+from ml.errors import ShapeMismatch
+from ml.module import Module, weight
+from ml.nn import Conv2D, Embedding, LayerNorm, Linear, RMSNorm, attention
+
+
+@dataclass(frozen=True)
+class VisionParams:
+    n_embd: int
+    n_head: int
+    n_layer: int
+    n_ff: int
+    image_size: int
+    patch_size: int
+    n_channels: int
+    eps: float
+    tokens_per_image: int
+    n_text_embd: int
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def n_patches(self) -> int:
+        return self.patches_per_side ** 2
+
+    @property
+    def pool_kernel(self) -> int:
+        """The average-pooling kernel (and stride) that leaves tokens_per_image tokens (64 / 16 = 4 in Gemma 3)."""
+        return self.patches_per_side // math.isqrt(self.tokens_per_image)
+
+    @staticmethod
+    def read(b: Backend, n_text_embd: int) -> VisionParams | None:
+        """From `<arch>.vision.*` and `<arch>.mm_tokens_per_image` (Ollama's names); None when the file has no
+        vision tower."""
+        arch = b.architecture
+        if f"{arch}.vision.block_count" not in b.metadata:
+            return None
+        v = "vision."
+        p = VisionParams(
+            n_embd=b.uint(v + "embedding_length"), n_head=b.uint(v + "attention.head_count"),
+            n_layer=b.uint(v + "block_count"), n_ff=b.uint(v + "feed_forward_length"),
+            image_size=b.uint(v + "image_size"), patch_size=b.uint(v + "patch_size"),
+            n_channels=b.uint(v + "num_channels", 3), eps=b.float(v + "attention.layer_norm_epsilon", 1e-6),
+            tokens_per_image=b.uint("mm_tokens_per_image", 256), n_text_embd=n_text_embd)
+        p.check()
+        return p
+
+    def check(self) -> None:
+        side = math.isqrt(self.tokens_per_image)
+        problems = []
+        if min(self.n_embd, self.n_head, self.n_layer, self.n_ff, self.patch_size, self.n_channels) <= 0:
+            problems.append("a zero width, head count, depth or patch size")
+        elif self.n_embd % self.n_head:
+            problems.append(f"embedding_length {self.n_embd} is not a multiple of head_count {self.n_head}")
+        elif self.image_size % self.patch_size or self.image_size <= 0:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        elif side * side != self.tokens_per_image or side == 0 or self.patches_per_side % side:
+            problems.append(f"{self.tokens_per_image} tokens per image do not tile {self.patches_per_side}^2 "
+                            "patches")
+        if self.n_channels != 3:
+            problems.append(f"num_channels {self.n_channels} (images are RGB)")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            problems.append(f"layer_norm_epsilon {self.eps}")
+        if problems:
+            raise ValueError("invalid vision hyper-parameters: " + "; ".join(problems))
+
+
+def _v(p: Any) -> VisionParams:
+    """The vision parameters of the model's params (shape functions); a tower without its keys is an error."""
+    vision = getattr(p, "vision", None)
+    if vision is None:
+        raise ShapeMismatch("the file has vision tensors (v.*) but no vision.* hyper-parameters")
+    assert isinstance(vision, VisionParams)
+    return vision
+
+
+@dataclass(kw_only=True)
+class VisionMLP(Module):
+    fc1: Linear = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_ff))
+    fc2: Linear = weight(shape=lambda p: (_v(p).n_ff, _v(p).n_embd))
+
+
+@dataclass(kw_only=True)
+class VisionBlock(Module):
+    layer_norm1: LayerNorm = weight(shape=lambda p: (_v(p).n_embd,))
+    attn_q: Linear = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_embd))
+    attn_k: Linear = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_embd))
+    attn_v: Linear = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_embd))
+    attn_output: Linear = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_embd))
+    layer_norm2: LayerNorm = weight(shape=lambda p: (_v(p).n_embd,))
+    mlp: VisionMLP = weight()
+
+    def forward(self, ctx: Context, x: Tensor, p: VisionParams) -> Tensor:
+        n, head_dim = p.n_patches, p.n_embd // p.n_head
+        h = self.layer_norm1.forward(ctx, x, p.eps)
+        q = self.attn_q.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n)
+        # keys and values as attention() reads a cache: [head_dim, n_kv, n_head]
+        k = self.attn_k.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
+        v = self.attn_v.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
+        a = attention(ctx, q, k.contiguous(ctx), v.contiguous(ctx), None, 1.0 / math.sqrt(head_dim))
+        x = x.add(ctx, self.attn_output.forward(ctx, a))  # every patch sees every patch: no mask
+        h = self.layer_norm2.forward(ctx, x, p.eps)
+        return x.add(ctx, self.mlp.fc2.forward(ctx, self.mlp.fc1.forward(ctx, h).gelu(ctx)))
+
+
+@dataclass(kw_only=True)
+class VisionTower(Module):
+    """`v.*`: pixels [W, H, C] -> patch states [n_embd, n_patches] (patches in row-major order)."""
+
+    patch_embedding: Conv2D = weight(
+        shape=lambda p: (_v(p).patch_size, _v(p).patch_size, _v(p).n_channels, _v(p).n_embd))
+    position_embedding: Embedding = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_patches))
+    blk: list[VisionBlock] = weight(count=lambda p: _v(p).n_layer)
+    post_layernorm: LayerNorm = weight(shape=lambda p: (_v(p).n_embd,))
+
+    def forward(self, ctx: Context, pixels: Tensor, p: VisionParams) -> Tensor:
+        ps = p.patch_size
+        x = self.patch_embedding.forward(ctx, pixels, ps, ps)  # [side, side, n_embd, 1]
+        x = x.reshape(ctx, p.n_patches, p.n_embd).transpose(ctx).contiguous(ctx)  # [n_embd, n_patches]
+        ids = ctx.from_numpy(np.arange(p.n_patches, dtype=np.int32))
+        x = x.add(ctx, self.position_embedding.forward(ctx, ids))
+        for block in self.blk:
+            x = block.forward(ctx, x, p)
+        return self.post_layernorm.forward(ctx, x, p.eps)
+
+
+@dataclass(kw_only=True)
+class Gemma3Projector(Module):
+    """`mm.*`: patch states -> tokens_per_image soft tokens [n_text_embd, tokens]. The projection is stored as
+    Hugging Face's (vision, text) matrix, i.e. ggml [n_text, n_vision], used transposed (as Ollama does)."""
+
+    mm_soft_emb_norm: RMSNorm = weight(shape=lambda p: (_v(p).n_embd,))
+    mm_input_projection: Linear = weight(shape=lambda p: (_v(p).n_text_embd, _v(p).n_embd))
+
+    def forward(self, ctx: Context, x: Tensor, p: VisionParams) -> Tensor:
+        side, k = p.patches_per_side, p.pool_kernel
+        grid = x.transpose(ctx).contiguous(ctx).reshape(ctx, side, side, p.n_embd)  # [col, row, n_embd]
+        pooled = grid.pool2d(ctx, "avg", k, k, k, k)  # [side / k, side / k, n_embd]
+        tokens = p.tokens_per_image
+        x = pooled.reshape(ctx, tokens, p.n_embd).transpose(ctx).contiguous(ctx)  # [n_embd, tokens]
+        x = self.mm_soft_emb_norm.forward(ctx, x, p.eps)
+        w = self.mm_input_projection.weight.transpose(ctx).contiguous(ctx)  # [n_vision, n_text]
+        return w.matmul(ctx, x)
