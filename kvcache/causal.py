@@ -143,7 +143,7 @@ class CausalCache:
             idx = cells.store(free, batch.positions, batch.seqs).astype(np.int64)
             self._range = cells.kv_range(self.kv_pad)
             mask = cells.mask(batch.positions, batch.seqs, kv_range=self._range, window=self.window,
-                              chunk=self.chunk, dtype=mask_dtype)
+                              chunk=self.chunk, spans=batch.spans, dtype=mask_dtype)
         self._idx = ctx.from_numpy(idx)
         self._mask = ctx.from_numpy(mask)
 

@@ -384,6 +384,7 @@ class CellTable:
         window: int | None = None,
         chunk: int | None = None,
         causal: bool | NDArray[np.bool_] = True,
+        spans: NDArray[np.int32] | None = None,
         dtype: MaskDType = np.float32,
     ) -> NDArray[np.floating[Any]]:
         """Additive attention mask of a (stored) batch over a cell range.
@@ -397,7 +398,7 @@ class CellTable:
                 ``kv_range`` is given).
             row_pad: rows are padded to a multiple of this; padding rows are
                 all ``-inf``.
-            window, chunk, causal: visibility rule, see :mod:`kvcache.masks`.
+            window, chunk, causal, spans: visibility rule, see :mod:`kvcache.masks`.
             dtype: np.float32, or np.float16 for ``ggml_flash_attn_ext``.
 
         Returns:
@@ -417,6 +418,7 @@ class CellTable:
             window=window,
             chunk=chunk,
             causal=causal,
+            spans=spans,
             n_rows=round_up(pos.size, row_pad),
             dtype=dtype,
         )

@@ -76,6 +76,7 @@ def row_bounds(
     window: int | None = None,
     chunk: int | None = None,
     causal: bool | NDArray[np.bool_] = True,
+    spans: NDArray[np.int32] | None = None,
 ) -> tuple[NDArray[np.int32], NDArray[np.int32]]:
     """Per-token inclusive bounds ``(lo, hi)`` on visible cell positions.
 
@@ -84,7 +85,11 @@ def row_bounds(
         window: sliding-window size (``window + 1`` positions visible), or None.
         chunk: chunk length for chunked attention, or None.
         causal: True/False for all rows, or bool[n_tokens] per row (False
-            rows, e.g. image tokens, see later positions too).
+            rows see later positions too).
+        spans: int32[n_tokens, 2] or None: positions ``spans[t, 0] .. spans[t, 1]``
+            (which hold ``p``) are visible to row ``t`` whatever the causal and
+            window rules say -- the tokens of one image see each other (Gemma 3:
+            HF ORs this onto the causal and sliding-window masks).
 
     Returns:
         ``lo, hi``: int32[n_tokens] each; a cell at position ``q`` passes the
@@ -100,6 +105,9 @@ def row_bounds(
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
         lo = np.maximum(p - window, 0)
+    if spans is not None:  # the span holds p, so it joins [lo, hi] into one interval
+        lo = np.minimum(lo, spans[:, 0].astype(np.int64))
+        hi = np.maximum(hi, spans[:, 1].astype(np.int64))
     if chunk is not None:
         if chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
@@ -118,6 +126,7 @@ def build_mask(
     window: int | None = None,
     chunk: int | None = None,
     causal: bool | NDArray[np.bool_] = True,
+    spans: NDArray[np.int32] | None = None,
     n_rows: int | None = None,
     dtype: MaskDType = np.float32,
 ) -> NDArray[np.floating[Any]]:
@@ -131,7 +140,7 @@ def build_mask(
             the scratch buffer), so pass a fresh array -- a fancy-indexed
             slice of the membership table is one already.
         positions: int32[n_tokens] token positions.
-        window, chunk, causal: see :func:`row_bounds`.
+        window, chunk, causal, spans: see :func:`row_bounds`.
         n_rows: total rows (``>= n_tokens``); rows past ``n_tokens`` are
             all ``-inf``.  Default ``n_tokens``.
         dtype: np.float32 (soft_max_ext) or np.float16 (flash_attn_ext).
@@ -157,8 +166,10 @@ def build_mask(
     visible = member
     all_causal = isinstance(causal, bool) and causal
     no_upper = isinstance(causal, bool) and not causal and chunk is None
-    if window is not None or chunk is not None or not all_causal:
-        lo, hi = row_bounds(positions, window=window, chunk=chunk, causal=causal)
+    if spans is not None and spans.shape != (n_tokens, 2):
+        raise ValueError(f"spans {spans.shape} must be (n_tokens, 2) = ({n_tokens}, 2)")
+    if window is not None or chunk is not None or not all_causal or spans is not None:
+        lo, hi = row_bounds(positions, window=window, chunk=chunk, causal=causal, spans=spans)
     else:
         # Fast path (plain causal decode): the lower bound 0 is implied by
         # membership (empty cells hold no sequence), so only ``q <= p``.
@@ -168,7 +179,7 @@ def build_mask(
     if not no_upper:
         np.less_equal(q, hi[:, np.newaxis], out=scratch)
         np.logical_and(visible, scratch, out=visible)
-    if window is not None or chunk is not None:
+    if window is not None or chunk is not None or spans is not None:
         np.greater_equal(q, lo[:, np.newaxis], out=scratch)
         np.logical_and(visible, scratch, out=visible)
 

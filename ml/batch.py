@@ -13,12 +13,19 @@ class Batch:
 
     tokens, positions, seqs: int32[n_tokens], one entry per token.
     outputs: int32[n_outputs], indices into the batch of the rows whose logits are wanted (in that order).
+    embeds: float32[n_tokens, n_embd] input embeddings for the rows where `is_embed` is set (an image's soft
+    tokens; their `tokens` entry is ignored), or None when every row is a token.
+    spans: int32[n_tokens, 2], the first and last position a row sees regardless of the causal and window rules
+    (an image's tokens see the whole image); None, or a row's own position twice, for none.
     """
 
     tokens: npt.NDArray[np.int32]
     positions: npt.NDArray[np.int32]
     seqs: npt.NDArray[np.int32]
     outputs: npt.NDArray[np.int32]
+    embeds: npt.NDArray[np.float32] | None = None
+    is_embed: npt.NDArray[np.bool_] | None = None
+    spans: npt.NDArray[np.int32] | None = None
 
     @property
     def n_tokens(self) -> int:

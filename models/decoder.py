@@ -248,6 +248,10 @@ class Decoder(Module):
         x = self.token_embd.forward(ctx, ids)  # [n_embd, n_tokens]
         if p.embed_scale != 1.0:
             x = x.scale(ctx, p.embed_scale)
+        if batch.embeds is not None and batch.is_embed is not None:
+            # rows given as embeddings (an image's soft tokens, not scaled): x * keep + embeds, keep 0 or 1 per row
+            keep = (~batch.is_embed).astype(np.float32).reshape(-1, 1)
+            x = x.mul(ctx, ctx.from_numpy(keep)).add(ctx, ctx.from_numpy(batch.embeds * (1.0 - keep)))
         q_scale = ctx.from_numpy(p.temperatures(batch.positions)) if p.attn_temp_scale else None
         for il, block in enumerate(self.blk):
             last = il == p.n_layer - 1

@@ -18,6 +18,7 @@ from ml.batch import Batch
 from ml.dtype import DType
 from ml.errors import ModelLoadError
 from runner.errors import GrammarError
+from runner import images
 from runner.grammar import Constraint, GrammarCompiler
 from runner.protocol import CompletionRequest
 from runner.responses import DoneReason, Metrics
@@ -99,6 +100,7 @@ class Sequence:
     t_first: float = 0.0
     n_prompt: int = 0
     n_cached: int = 0  # prompt tokens reused from the slot's cache at placement
+    image_rows: dict[int, images.ImageRow] = field(default_factory=dict)  # the prompt's image inputs by id
 
     def cancel(self) -> None:
         """Client went away: the loop ends this sequence at its next step and frees the slot."""
@@ -278,14 +280,18 @@ class Engine:
         req = seq.request
         if self.cache is None:
             raise ValueError("this model does not support generation")
-        tokens = (list(req.tokens) if req.tokens is not None
-                  else self.tokenizer.encode(req.prompt, add_special=True, parse_special=True))
+        if req.tokens is None and images.can_see(self.model):
+            tokens, seq.image_rows = images.prompt_inputs(self.model, self.backend, self.tokenizer, req)
+        else:
+            tokens = (list(req.tokens) if req.tokens is not None
+                      else self.tokenizer.encode(req.prompt, add_special=True, parse_special=True))
         if not tokens:
             raise ValueError("prompt is empty after tokenization")
         if seq.grammar is None:
             seq.grammar = self.grammars.compile(req)
         seq.num_keep = effective_num_keep(req.num_keep, len(tokens), self.n_ctx_slot)
-        tokens = truncate_prompt(tokens, self.n_ctx_slot, seq.num_keep)
+        tokens = truncate_prompt(tokens, self.n_ctx_slot, seq.num_keep,
+                                 dict(images.same_batch(tokens, seq.image_rows)))
         seq.tokens, seq.n_prompt = tokens, len(tokens)
         states = [SlotState(s.id, s.inputs, s.seq is not None, s.last_used) for s in self.slots]
         choice = choose_slot(tokens, states, self.multiuser)
@@ -301,7 +307,7 @@ class Engine:
         slot.inputs = slot.inputs[:n_past]
         slot.seq, slot.last_used = seq, time.monotonic()
         seq.slot, seq.n_past, seq.n_cached, seq.pending = slot.id, n_past, n_past, tokens[n_past:]
-        history = tokens if req.sampling.repeat_last_n else ()
+        history = [t for t in tokens if t >= 0] if req.sampling.repeat_last_n else ()
         seq.sampler = Sampler(req.sampling, n_ctx=self.n_ctx_slot, history=history)
         seq.stops = encode_stops(req.stop)
         log.debug("seq placed: slot=%d prompt=%d cached=%d", slot.id, len(tokens), n_past)
@@ -311,7 +317,8 @@ class Engine:
             if s.seq is not None and s.seq.cancelled:
                 s.seq = None
         table: list[SeqState | None] = [
-            SeqState(slot=s.id, n_cached=s.seq.n_past, n_pending=len(s.seq.pending), num_keep=s.seq.num_keep)
+            SeqState(slot=s.id, n_cached=s.seq.n_past, n_pending=len(s.seq.pending), num_keep=s.seq.num_keep,
+                     same_batch=images.same_batch(s.seq.pending, s.seq.image_rows))
             if s.seq is not None else None for s in self.slots]
         if not any(table):
             return
@@ -321,6 +328,7 @@ class Engine:
         if not step.chunks:
             return
         tokens: list[int] = []
+        rows: dict[int, images.ImageRow] = {}
         for c in step.chunks:
             slot = self.slots[c.slot]
             seq = slot.seq
@@ -332,9 +340,10 @@ class Engine:
                     self._fail(slot, seq, f"context shift failed: {e}", drop_cache=True)
                     return
             tokens.extend(seq.pending[:c.n_inputs])
+            rows.update(seq.image_rows)
         positions = np.asarray(step.positions(), dtype=np.int32)
-        batch = Batch(np.asarray(tokens, dtype=np.int32), positions,
-                      np.asarray(step.slots(), dtype=np.int32), np.asarray(step.outputs, dtype=np.int32))
+        batch = images.batch(tokens, positions, np.asarray(step.slots(), dtype=np.int32),
+                             np.asarray(step.outputs, dtype=np.int32), rows)
         try:
             logits = self._forward(batch)
         except Exception as e:  # the whole pass failed: its sequences end, the runner keeps serving

@@ -46,6 +46,7 @@ class TinySpec:
     q_gain: float = 1.0  # multiplies attn_q weights: larger attention scores (softcaps and masks then matter)
     embd_std: float = 0.2  # small embeddings: the blocks, not the input token, dominate the residual stream
     extra_kv: dict[str, Any] = field(default_factory=dict)
+    image_tokens: bool = False  # the last two vocabulary entries become <start_of_image> / <end_of_image>
 
     @property
     def n_rot(self) -> int:
@@ -148,6 +149,8 @@ def _vocab(spec: TinySpec, writer: gguf.GGUFWriter) -> None:
         specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
         pieces = ["▁"] + [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["▁the", "▁a", "."]
         tokens = (specials + pieces + [f"<unused{i}>" for i in range(n)])[:n]
+        if spec.image_tokens:
+            tokens[-2:] = ["<start_of_image>", "<end_of_image>"]
         types = [gguf.TokenType.CONTROL if t.startswith("<") else gguf.TokenType.NORMAL for t in tokens]
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre("default")
