@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ggml import rpc
 from ggml._lib import CData, check, check_status, ffi, lib
 from ggml.tensor import GgmlTensor, new_tensor_ptr
 from ml.dtype import DType, dtype_of_numpy
@@ -21,6 +22,8 @@ DEFAULT_MAX_NODES = 8192
 
 
 def _free_context(state: dict[str, Any]) -> None:
+    if rpc.failed():
+        return  # buffers on a dead RPC host cannot be freed: the connection thread is parked (ggml/rpc.py)
     for buf in state["buffers"]:
         lib.ggml_backend_buffer_free(buf)
     state["buffers"].clear()

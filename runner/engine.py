@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 STALL_FLOOR_S = 120.0  # no forward pass is called stuck before this, however fast the tokens before it were
 STALL_FACTOR = 50.0  # ... nor before it took this many times its expected time
 MAX_FAILED_FORWARDS = 3
+FAILURE_POLL_S = 0.25  # how often the backend is asked whether a device it depends on (an RPC host) has failed
 
 
 class ComputeWatch:
@@ -144,15 +145,21 @@ class Engine:
         self.error: str | None = None
         self.watch = ComputeWatch(stall_after_s)
         self._failed_forwards = 0  # consecutive whole-batch failures; a few in a row mean the backend is broken
+        self._closed = threading.Event()
+        failure = getattr(backend, "failure", None)
+        self._backend_failure: Callable[[], str | None] | None = failure if callable(failure) else None
 
     def start(self) -> None:
         self._thread.start()
+        if self._backend_failure is not None:
+            threading.Thread(target=self._watch_backend, name="backend-watch", daemon=True).start()
 
     def close(self) -> None:
+        self._closed.set()
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        if self._thread.ident is not None:  # started
+        if self._thread.ident is not None and not self._device_failed():  # started, and not parked in ggml
             self._thread.join(timeout=10)
         if self.cache is not None:
             self.cache.close()
@@ -161,6 +168,9 @@ class Engine:
         """Queue a request; events go to `sink` (called from the loop thread). Waits for a free slot in the loop,
         so at most `parallel` sequences run at once and extra ones wait, as the Go runner's semaphore does."""
         seq = Sequence(request, sink, t_start=time.monotonic())
+        if self._device_failed():  # the loop is parked on a dead device: answer here
+            sink(Event(done=DoneReason.STOP, error=self.error))
+            return seq
         with self._cv:
             self._incoming.append(seq)
             self._cv.notify_all()
@@ -168,6 +178,9 @@ class Engine:
 
     def submit_embedding(self, text: str, reply: Callable[[list[float] | str], None]) -> None:
         """Queue an embedding; `reply` gets the pooled (un-normalized) vector, or an error message."""
+        if self._device_failed():
+            reply(str(self.error))
+            return
         with self._cv:
             self._embeds.append((text, reply))
             self._cv.notify_all()
@@ -207,6 +220,36 @@ class Engine:
     def health_error(self) -> str | None:
         """Why /health must say error: the backend failed for good, or a forward pass is stuck."""
         return self.error or self.watch.stalled()
+
+    def _device_failed(self) -> bool:
+        return self.error is not None and self._backend_failure is not None and self._backend_failure() is not None
+
+    def _watch_backend(self) -> None:
+        """A device the backend relies on failed for good (an RPC host died): the loop thread is parked inside
+        ggml and will never return, so the running and waiting requests are ended from here, and /health says
+        error from now on (the Go server then restarts the runner)."""
+        assert self._backend_failure is not None
+        while not self._closed.wait(FAILURE_POLL_S):
+            reason = self._backend_failure()
+            if reason is None:
+                continue
+            self.error = f"a device failed: {reason}"
+            log.error("%s; ending all requests", self.error)
+            with self._cv:
+                waiting = list(self._incoming)
+                self._incoming.clear()
+                embeds = list(self._embeds)
+                self._embeds.clear()
+            running = [s.seq for s in self.slots if s.seq is not None]
+            for seq in running + waiting:
+                seq.cancelled = True
+                try:
+                    seq.sink(Event(done=DoneReason.STOP, error=self.error))
+                except Exception:
+                    log.debug("could not deliver the device failure", exc_info=True)
+            for _, reply in embeds:
+                reply(self.error)
+            return
 
     # ---- the loop ----
     def _run(self) -> None:
