@@ -32,13 +32,14 @@ N_PROMPT = 72
 
 
 class RpcServer:
-    def __init__(self, log_dir: Path, threads: int = 1, env: dict[str, str] | None = None) -> None:
+    def __init__(self, log_dir: Path, threads: int = 1, env: dict[str, str] | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.log = log_dir / f"rpc-{self.port}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen([PYTHON, "-m", "runner.cli", "rpc-server", "--port", str(self.port),
-                                          "--threads", str(threads)], cwd=REPO, stdout=out, stderr=out,
+                                          "--threads", str(threads), *extra], cwd=REPO, stdout=out, stderr=out,
                                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
         deadline = time.monotonic() + 30
         while True:
@@ -190,3 +191,13 @@ def test_endpoint_killed_mid_generation_ends_the_request_and_health_says_error(
         runner.stop()
         for s in own:
             s.stop()
+
+
+def test_mem_is_the_memory_the_server_reports(tmp_path: Path) -> None:
+    server = RpcServer(tmp_path, extra=("--mem", "123"))
+    try:
+        free, total = ffi.new("size_t *"), ffi.new("size_t *")
+        lib.pyrunner_rpc_device_memory(server.endpoint.encode(), free, total)
+        assert (free[0], total[0]) == (123 << 20, 123 << 20)
+    finally:
+        server.stop()
