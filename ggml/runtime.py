@@ -132,8 +132,6 @@ class Runtime:
             try:
                 rpc.probe(endpoint)
             except rpc.RpcError as e:
-                for r in remotes:
-                    lib.ggml_backend_free(r.backend)
                 raise ModelLoadError(str(e)) from None
         rpc.install_abort_hook()
         for endpoint in self.options.rpc:
