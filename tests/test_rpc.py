@@ -201,3 +201,38 @@ def test_mem_is_the_memory_the_server_reports(tmp_path: Path) -> None:
         assert (free[0], total[0]) == (123 << 20, 123 << 20)
     finally:
         server.stop()
+
+
+def test_port_in_use_ends_rpc_server_with_an_error(servers: list[RpcServer]) -> None:
+    port = servers[0].endpoint.rpartition(":")[2]
+    r = subprocess.run([PYTHON, "-m", "runner.cli", "rpc-server", "--port", port, "--threads", "1"], cwd=REPO,
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 1 and f"could not serve on 127.0.0.1:{port}" in r.stderr
+
+
+def test_host_failing_after_hello_ends_the_runner_load_with_an_error(smollm2_path: Path, tmp_path: Path) -> None:
+    """A host that passes the probe and then drops ggml's connection: the loading thread is parked inside ggml,
+    and the runner exits with the reason instead of loading forever."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+
+        def hello_then_close() -> None:  # answers HELLO like ggml's server, then hangs up
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                with conn:
+                    conn.recv(1 + 8 + 24)
+                    conn.sendall((28).to_bytes(8, "little") + bytes([rpc.PROTO_MAJOR, 0, 0, 0]) + bytes(24))
+                    conn.recv(1)
+
+        threading.Thread(target=hello_then_close, daemon=True).start()
+        runner = RunnerProcess.start(smollm2_path, ["--threads", "1", "--rpc", endpoint], tmp_path)
+        try:
+            assert runner.proc.wait(timeout=30) == 1
+            assert "error loading model: an RPC device failed:" in runner.stderr()
+        finally:
+            runner.stop()
