@@ -69,8 +69,8 @@ class CausalCache:
 
     def __init__(self, shift_fn: ShiftFn | None = None, *, window: int | None = None, chunk: int | None = None,
                  kv_pad: int = 256, flash: bool = False, defrag_holes: int | None = None) -> None:
-        if window is not None and window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
+        if window is not None and window < 0:
+            raise ValueError(f"window must be >= 0, got {window}")
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         if kv_pad < 1:

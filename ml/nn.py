@@ -97,6 +97,13 @@ def attention(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
     return kqv.reshape(ctx, dims(kqv)[0] * n_head, n_tokens)
 
 
+def row_slice(ctx: Context, t: Tensor, start: int, count: int) -> Tensor:
+    """Rows start .. start + count of dim 0 of t [n, n_tokens], contiguous: splits a fused projection (QKV,
+    gate/up)."""
+    n_tokens = dims(t)[1]
+    return t.view(ctx, start * t.dtype.row_bytes(1), (count, n_tokens), (t.stride(1),)).contiguous(ctx)
+
+
 def dims(t: Tensor) -> tuple[int, int, int, int]:
     """The tensor's shape padded with 1s to four dimensions."""
     s = tuple(t.shape) + (1, 1, 1, 1)

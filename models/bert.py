@@ -30,6 +30,8 @@ class BertParams:
     eps: float
     pooling: Pooling
     n_token_types: int
+    rope_dim: int = 0  # nomic-bert: NeoX RoPE on q and k instead of position embeddings (0: none)
+    rope_base: float = 10000.0
 
     @property
     def head_dim(self) -> int:
@@ -47,16 +49,27 @@ class BertBlock(Module):
     ffn_down: Linear = weight(shape=lambda p: (p.n_ff, p.n_embd))
     layer_output_norm: LayerNorm = weight(shape=lambda p: (p.n_embd,))
 
-    def forward(self, ctx: Context, x: Tensor, mask: Tensor, p: BertParams, n: int) -> Tensor:
-        def heads(t: Tensor) -> Tensor:  # [n_embd, n] -> [head_dim, n, n_head]
-            return t.reshape(ctx, p.head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
+    def project_qkv(self, ctx: Context, x: Tensor, p: BertParams) -> tuple[Tensor, Tensor, Tensor]:
+        """Q, K, V, each [n_embd, n] (nomic-bert overrides: one fused projection)."""
+        return self.attn_q.forward(ctx, x), self.attn_k.forward(ctx, x), self.attn_v.forward(ctx, x)
 
-        q = self.attn_q.forward(ctx, x).reshape(ctx, p.head_dim, p.n_head, n)
-        k, v = heads(self.attn_k.forward(ctx, x)), heads(self.attn_v.forward(ctx, x))
+    def ffn(self, ctx: Context, x: Tensor, p: BertParams) -> Tensor:
+        """GeLU FFN (nomic-bert overrides: SwiGLU)."""
+        return self.ffn_down.forward(ctx, self.ffn_up.forward(ctx, x).gelu(ctx))
+
+    def forward(self, ctx: Context, x: Tensor, mask: Tensor, p: BertParams, n: int,
+                positions: Tensor | None = None) -> Tensor:
+        q, k, v = self.project_qkv(ctx, x, p)
+        q = q.reshape(ctx, p.head_dim, p.n_head, n)
+        k = k.reshape(ctx, p.head_dim, p.n_head, n)
+        if p.rope_dim and positions is not None:
+            q = q.rope(ctx, positions, p.rope_dim, p.rope_base, neox=True)
+            k = k.rope(ctx, positions, p.rope_dim, p.rope_base, neox=True)
+        k = k.permute(ctx, 0, 2, 1, 3)  # [head_dim, n, n_head]
+        v = v.reshape(ctx, p.head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
         a = attention(ctx, q, k, v, mask, 1.0 / math.sqrt(p.head_dim))
         x = self.attn_output_norm.forward(ctx, x.add(ctx, self.attn_output.forward(ctx, a)), p.eps)
-        h = self.ffn_down.forward(ctx, self.ffn_up.forward(ctx, x).gelu(ctx))
-        return self.layer_output_norm.forward(ctx, x.add(ctx, h), p.eps)
+        return self.layer_output_norm.forward(ctx, x.add(ctx, self.ffn(ctx, x, p)), p.eps)
 
 
 @register("bert")
@@ -104,9 +117,12 @@ class Bert(Module):
         mask = ctx.from_numpy(np.where(same, 0.0, -np.inf).astype(np.float32))
         ids = ctx.from_numpy(batch.tokens)
         x = self.token_embd.get_rows(ctx, ids)
-        x = x.add(ctx, self.token_types.get_rows(ctx, ctx.from_numpy(np.zeros(n, dtype=np.int32))))
-        x = x.add(ctx, self.position_embd.get_rows(ctx, ctx.from_numpy(batch.positions)))
+        if self.token_types is not None:  # optional in nomic-bert
+            x = x.add(ctx, self.token_types.get_rows(ctx, ctx.from_numpy(np.zeros(n, dtype=np.int32))))
+        positions = ctx.from_numpy(batch.positions)
+        if self.position_embd is not None:  # absent when RoPE places the tokens (nomic-bert)
+            x = x.add(ctx, self.position_embd.get_rows(ctx, positions))
         x = self.token_embd_norm.forward(ctx, x, p.eps)  # [n_embd, n]
         for block in self.blk:
-            x = block.forward(ctx, x, mask, p, n)
+            x = block.forward(ctx, x, mask, p, n, positions)
         return pool(ctx, x, batch.seqs, p.pooling)

@@ -1,9 +1,11 @@
 """`ollama-pyrunner`: the runner Ollama launches (`[runner] [--ollama-engine] --model … --port P`), the
 llama-server compatible server (`serve …`, or any invocation under the name `llama-server`), plus the
-`generate`, `embed` and `convert` tools, and `rpc-server` (ggml's RPC server, for `--rpc`). Reads the environment once, here, and passes everything down."""
+`generate`, `embed` and `convert` tools, and `rpc-server` (ggml's RPC server, for `--rpc`). Reads the environment
+once, here, and passes everything down."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -117,6 +119,30 @@ def _exit_if_rpc_fails_during_load(loaded: threading.Event) -> None:
     threading.Thread(target=watch, name="rpc-load-watch", daemon=True).start()
 
 
+def _read_arg(value: str) -> str:
+    """`@path` -> the file's text; anything else as given."""
+    if value.startswith("@"):
+        with open(value[1:], encoding="utf-8") as f:
+            return f.read()
+    return value
+
+
+def _format_arg(value: str) -> str | None:
+    """--format as the request's `format` field carries it (compact JSON text): "json", or a schema object."""
+    if not value:
+        return None
+    if value == "json":
+        return '"json"'
+    text = _read_arg(value)
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"--format: not JSON: {e}") from e
+    if not isinstance(schema, dict):
+        raise ValueError('--format: expected "json" or a JSON schema object')
+    return json.dumps(schema, separators=(",", ":"))
+
+
 def run_generate(argv: Sequence[str]) -> int:
     """Stream a completion of --prompt to stdout; counts and speed to stderr."""
     from runner.engine import Engine, Event
@@ -137,8 +163,16 @@ def run_generate(argv: Sequence[str]) -> int:
     p.add_argument("--tensor-split", default="", help="shares of the layers per device, e.g. 1,1,1")
     p.add_argument("--rpc", default=os.environ.get("OLLAMA_PYRUNNER_RPC", ""),
                    help="ggml rpc-server endpoints host:port[,host:port...] (default: $OLLAMA_PYRUNNER_RPC)")
+    p.add_argument("--format", default="",
+                   help='structured output: "json" (any JSON object), @schema.json or an inline JSON schema')
+    p.add_argument("--grammar", default="", help="structured output: a llama.cpp GBNF grammar, or @file.gbnf")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    try:
+        fmt, grammar = _format_arg(args.format), _read_arg(args.grammar)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
     from runner.flags import parse_tensor_split, parse_rpc_endpoints
     try:
@@ -185,6 +219,7 @@ def run_generate(argv: Sequence[str]) -> int:
             done.set()
 
     req = CompletionRequest(prompt=args.prompt, images=(), num_predict=args.num_predict, num_keep=0, stop=(),
+                            grammar=grammar, format=fmt,
                             sampling=SamplerParams(temperature=args.temperature,
                                                    seed=None if args.seed < 0 else args.seed))
     engine.submit(req, sink)

@@ -17,6 +17,8 @@ from ml.backend import Backend
 from ml.batch import Batch
 from ml.dtype import DType
 from ml.errors import ModelLoadError
+from runner.errors import GrammarError
+from runner.grammar import Constraint, GrammarCompiler
 from runner.protocol import CompletionRequest
 from runner.responses import DoneReason, Metrics
 from runner.sampling import Sampler
@@ -89,6 +91,7 @@ class Sequence:
     n_past: int = 0
     num_keep: int = 0
     sampler: Sampler | None = None
+    grammar: Constraint | None = None  # the request's grammar/format, if any (compiled before or in _place)
     stops: tuple[bytes, ...] = ()
     pieces: list[bytes] = field(default_factory=list)  # generated text not yet sent
     n_generated: int = 0
@@ -126,10 +129,12 @@ class Engine:
         # Embedding-only models (bert) have no KV cache and cannot generate.
         self.can_generate = callable(getattr(model, "new_cache", None))
         self.can_embed = bool(getattr(model, "can_embed", False))
+        self.grammars = GrammarCompiler(tokenizer, self.n_vocab)
         # ggml's fused attention kernel is ~25% faster per decode step on the CPU than the unfused path (measured
         # with SmolLM2), so it is used whenever K and V heads match; --flash-attn only adds quantized KV types.
         fused = flash or getattr(model.params, "head_dim_k", 0) == getattr(model.params, "head_dim_v", -1)
-        self.cache = model.new_cache(flash=fused) if self.can_generate else None
+        # n_ctx_seq: LongRoPE models (phi3) choose their long or short factors by the context a sequence gets
+        self.cache = model.new_cache(flash=fused, n_ctx_seq=self.n_ctx_slot) if self.can_generate else None
         if self.cache is not None:
             self.cache.init(backend, kv_type, self.parallel, self.n_ctx_slot * self.parallel, self.n_batch)
         # An input to embed gets the runner's context, and never more positions than the model was trained on
@@ -164,10 +169,11 @@ class Engine:
         if self.cache is not None:
             self.cache.close()
 
-    def submit(self, request: CompletionRequest, sink: EventSink) -> Sequence:
+    def submit(self, request: CompletionRequest, sink: EventSink, grammar: Constraint | None = None) -> Sequence:
         """Queue a request; events go to `sink` (called from the loop thread). Waits for a free slot in the loop,
-        so at most `parallel` sequences run at once and extra ones wait, as the Go runner's semaphore does."""
-        seq = Sequence(request, sink, t_start=time.monotonic())
+        so at most `parallel` sequences run at once and extra ones wait, as the Go runner's semaphore does.
+        `grammar`: the request's constraint when the caller compiled it already (the server does, off the loop)."""
+        seq = Sequence(request, sink, t_start=time.monotonic(), grammar=grammar)
         if self._device_failed():  # the loop is parked on a dead device: answer here
             sink(Event(done=DoneReason.STOP, error=self.error))
             return seq
@@ -319,6 +325,8 @@ class Engine:
                   else self.tokenizer.encode(req.prompt, add_special=True, parse_special=True))
         if not tokens:
             raise ValueError("prompt is empty after tokenization")
+        if seq.grammar is None:
+            seq.grammar = self.grammars.compile(req)
         seq.num_keep = effective_num_keep(req.num_keep, len(tokens), self.n_ctx_slot)
         tokens = truncate_prompt(tokens, self.n_ctx_slot, seq.num_keep)
         seq.tokens, seq.n_prompt = tokens, len(tokens)
@@ -455,7 +463,16 @@ class Engine:
             return
         if seq.n_generated == 0:
             seq.t_first = now
-        token = seq.sampler.sample(row)
+        if seq.grammar is None:
+            token = seq.sampler.sample(row)
+        else:
+            try:
+                token = seq.grammar.sample(seq.sampler, row)
+            except GrammarError as e:  # a dead end fails this sequence only
+                log.warning("grammar: %s", e)
+                seq.sink(Event(done=DoneReason.STOP, error=str(e)))
+                slot.seq = None
+                return
         seq.sampler.accept(token)
         seq.n_generated += 1
         if self.tokenizer.is_eog(token):

@@ -21,3 +21,8 @@ class SlotUnavailableError(RuntimeError):
 class SamplingError(RuntimeError):
     """The logits cannot be sampled (NaN logits or probabilities, no finite logit): ends that one sequence (the Go
     runner panics; this runner keeps serving the others)."""
+
+
+class GrammarError(ValueError):
+    """A request's grammar or format cannot be used (does not parse, no usable vocabulary), or a constrained
+    sequence reached a point where no token is allowed. Fails that request or sequence only."""

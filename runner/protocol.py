@@ -52,8 +52,8 @@ class CompletionRequest:
 
     num_predict <= 0 means unlimited (P1 sends -1 by default, P2/P3 send 0 when unset). num_keep < 0 keeps the
     whole prompt on truncation/shift. `grammar` (GBNF text) and `format` (compact JSON text, or None for
-    absent/null) are kept verbatim for logging: this runner implements no grammar-constrained sampling, so the
-    caller should warn and generate unconstrained. typical_p and mirostat are type-checked but not kept
+    absent/null) are kept verbatim; runner.grammar turns them into a sampling constraint (the grammar wins, the
+    format is used when the grammar is empty). typical_p and mirostat are type-checked but not kept
     (no sampler uses them, as in the Go new engine).
     """
 

@@ -1,29 +1,25 @@
 """HTTP only (starlette): parse, hand to the engine, stream its events. /health never waits on the model: loading
-and compute run on other threads, and request bodies are read with a size limit and decoded on a worker thread,
-so it answers at once in every state, whatever a client sends."""
+and compute run on other threads, and request bodies are read with a size limit and decoded off the event loop
+(runner.http_common), so it answers at once in every state, whatever a client sends."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import functools
 import logging
-import multiprocessing
-import os
 import threading
-import time
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-import anyio.to_thread
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from runner.engine import Engine, Event
-from runner.errors import RequestError
+from runner.errors import GrammarError, RequestError
+from runner.http_common import BodyDecoder, BodyTooLarge, next_event, read_body
 from runner.protocol import CompletionRequest, Dialect, decode_completion, decode_embedding
 from runner.responses import (ERROR_HEADERS, JSON_CONTENT_TYPE, ServerStatus, encode_chunk, encode_embedding,
                               encode_final, encode_health, error_body)
@@ -34,45 +30,11 @@ T = TypeVar("T")
 # Bodies above this get 413 before they are parsed. Images travel base64-encoded in /completion bodies, so the
 # limit is far above any prompt; it bounds memory and parse time per request.
 MAX_BODY_BYTES = 64 << 20
-# Bodies up to this size are decoded on the event loop (microseconds); larger ones on a worker thread.
-_INLINE_DECODE_BYTES = 64 << 10
-# Python's JSON scanner holds the GIL while it builds a long array, so a body of a million small objects would
-# stall every thread for a third of a second at a time. Bodies that may hold more JSON containers than this
-# (counting brackets, strings included: an upper bound) are decoded in a helper process instead; no request
-# Ollama sends comes near it.
-_THREAD_DECODE_CONTAINERS = 20_000
-
-
-def _may_hold_many_containers(body: bytes) -> bool:
-    return body.count(b"{") + body.count(b"[") > _THREAD_DECODE_CONTAINERS
 
 
 def decode_completion_body(dialect: Dialect, body: bytes) -> CompletionRequest:
-    """decode_completion with the arguments in the order a process pool can call it with."""
+    """decode_completion with the arguments in the order a helper process can be given them."""
     return decode_completion(body, dialect)
-
-
-class BodyTooLarge(Exception):
-    """The request body exceeds MAX_BODY_BYTES."""
-
-
-async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The body, refused as soon as it passes `limit` bytes (before it is all in memory).
-
-    Raises:
-        BodyTooLarge: over the limit. ClientDisconnect: the client went away mid-upload.
-    """
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
-    parts: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        parts.append(chunk)
-    return b"".join(parts)
 
 
 @dataclass
@@ -90,40 +52,9 @@ def _error(status: int, message: str) -> Response:
     return Response(error_body(message), status_code=status, headers=ERROR_HEADERS)
 
 
-def _exit_with_parent(parent: int) -> None:
-    """In the helper process: leave as soon as the runner is gone (Ollama stops runners with SIGKILL, which
-    gives the runner no chance to stop its helpers)."""
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-class DecoderPool:
-    """One helper process, started on first use, for the bodies that would hold the GIL too long."""
-
-    def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_exit_with_parent, initargs=(os.getpid(),))
-            return self._pool
-
-    def close(self) -> None:
-        with self._lock:
-            if self._pool is not None:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._pool = None
-
-
 def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
-    decoders = DecoderPool()
+    decoders = BodyDecoder()
+
     async def health(_: Request) -> Response:
         status = state.status
         if state.engine is not None and state.engine.health_error():
@@ -138,35 +69,17 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
             return _error(500, f"model failed to load: {state.error}")
         return None
 
-    async def first_event(request: Request, queue: asyncio.Queue[Event]) -> Event | None:
-        """The sequence's first event, or None if the client disconnects before it comes. (Once streaming, the
-        StreamingResponse notices a disconnect itself.)"""
-        getter = asyncio.ensure_future(queue.get())
-        try:
-            while True:
-                done, _ = await asyncio.wait({getter}, timeout=0.1)
-                if done:
-                    return getter.result()
-                if await request.is_disconnected():
-                    return None
-        finally:
-            getter.cancel()  # a no-op when it finished
-
     async def receive(request: Request, decode: Callable[[bytes], T]) -> T | Response:
         """The decoded body, or the response that refuses it (400, 413, or an empty one for a client that left)."""
         try:
-            body = await read_body(request)
+            body = await read_body(request, MAX_BODY_BYTES)
         except BodyTooLarge:
             return _error(413, "request body too large")
         except ClientDisconnect:
             log.debug("client left during the upload of %s", request.url.path)
             return Response(status_code=200)
         try:
-            if len(body) <= _INLINE_DECODE_BYTES:
-                return decode(body)
-            if _may_hold_many_containers(body):
-                return await asyncio.get_running_loop().run_in_executor(decoders.get(), decode, body)
-            return await anyio.to_thread.run_sync(decode, body)
+            return await decoders.decode(decode, body)
         except RequestError as e:
             log.warning("bad %s request: %s", request.url.path, e)
             return _error(400, "Bad request")
@@ -181,14 +94,21 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
         assert state.engine is not None
         if await request.is_disconnected():  # gone already: never spend a prefill on it
             return Response(status_code=200)
+        grammar = None
+        if req.grammar or req.format:  # compiling takes ms (seconds the first time): off the event and batch loops
+            try:
+                grammar = await asyncio.to_thread(state.engine.grammars.compile, req)
+            except GrammarError as e:
+                log.warning("bad grammar: %s", e)
+                return _error(500, str(e))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def sink(ev: Event) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
-        seq = state.engine.submit(req, sink)
-        first = await first_event(request, queue)
+        seq = state.engine.submit(req, sink, grammar)
+        first = await next_event(request, queue)
         if first is None:  # the client went away while waiting for a slot or for its prompt: free them
             seq.cancel()
             return Response(status_code=200)  # nobody reads it (the Go runner also answers an empty 200)

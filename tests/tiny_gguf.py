@@ -173,7 +173,7 @@ def write_gguf(path: str | Path, spec: TinySpec, tensors: dict[str, np.ndarray] 
         del w[name]
     w.update(add or {})
     writer = gguf.GGUFWriter(str(path), arch or s.arch)
-    writer.add_name(f"tiny-{s.arch}")
+    writer.add_name("tiny random model")  # not the family name: llama.cpp keys vocab quirks on it (phi-3)
     a = s.arch
     writer.add_uint32(f"{a}.context_length", 256)
     writer.add_uint32(f"{a}.embedding_length", s.n_embd)
@@ -200,7 +200,9 @@ def write_gguf(path: str | Path, spec: TinySpec, tensors: dict[str, np.ndarray] 
     if s.write_vocab_size:
         writer.add_uint32(f"{a}.vocab_size", s.n_vocab)
     for k, v in s.extra_kv.items():
-        if isinstance(v, float):
+        if isinstance(v, bool):
+            writer.add_bool(k, v)
+        elif isinstance(v, float):
             writer.add_float32(k, v)
         elif isinstance(v, int):
             writer.add_uint32(k, v)

@@ -8,6 +8,7 @@ Request bodies over `max_body` bytes get 413. Errors are llama-server's `{"error
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -23,6 +24,7 @@ from starlette.routing import Route
 
 from runner.engine import Engine, Event
 from runner.errors import RequestError
+from runner.http_common import BodyDecoder, BodyTooLarge, read_body
 from runner.llamaserver import shapes
 from runner.llamaserver.decode import Decoded, decode_completion, decode_prompt, parse_body
 from runner.llamaserver.generate import EngineError, Generation, collect
@@ -64,18 +66,13 @@ def _error(status: int, message: str, kind: str = "") -> Response:
     return _json(shapes.error_object(status, message, kind), status)
 
 
-async def _body(request: Request, limit: int) -> dict[str, Any]:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HttpError(413, f"the request body is larger than {limit} bytes")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"the request body is larger than {limit} bytes")
-        chunks.append(chunk)
+async def _body(request: Request, limit: int, decoder: BodyDecoder) -> dict[str, Any]:
     try:
-        return parse_body(b"".join(chunks))
+        raw = await read_body(request, limit)
+    except BodyTooLarge:
+        raise HttpError(413, f"the request body is larger than {limit} bytes") from None
+    try:
+        return await decoder.decode(parse_body, raw)
     except RequestError as e:
         raise HttpError(400, str(e)) from None
 
@@ -84,6 +81,8 @@ Handler = Callable[[Request, dict[str, Any], Engine], Awaitable[Response]]
 
 
 def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
+    decoder = BodyDecoder()
+
     def ready() -> Engine:
         if state.engine is None:
             if state.error:
@@ -104,7 +103,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             try:
                 authorize(request)
                 engine = ready()
-                body = await _body(request, max_body)
+                body = await _body(request, max_body, decoder)
                 return await handler(request, body, engine)
             except HttpError as e:
                 if e.status >= 500:
@@ -391,7 +390,13 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
               route("/v1/embeddings", oai_embeddings), route("/embeddings", native_embedding),
               route("/embedding", native_embedding), get("/v1/models", models, public=True),
               get("/models", models, public=True), get("/props", props)]
-    return Starlette(routes=routes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[None]:
+        yield
+        decoder.close()
+
+    return Starlette(routes=routes, lifespan=lifespan)
 
 
 def _outcome(ev: Event) -> shapes.Outcome:

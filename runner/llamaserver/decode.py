@@ -36,6 +36,8 @@ def parse_body(body: bytes) -> dict[str, Any]:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("the request body is not valid JSON: nesting too deep") from None
     if not isinstance(doc, dict):
         raise RequestError("the request body must be a JSON object")
     return doc

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 
 from runner.engine import Engine, Event
+from runner.http_common import next_event
 from runner.protocol import CompletionRequest
 
 
@@ -38,17 +39,10 @@ class Generation:
 
     async def next(self, request: Request) -> Event | None:
         """The next event, or None if the client disconnects first (the sequence is then cancelled)."""
-        getter = asyncio.ensure_future(self._queue.get())
-        try:
-            while True:
-                done, _ = await asyncio.wait({getter}, timeout=0.1)
-                if done:
-                    return getter.result()
-                if await request.is_disconnected():
-                    self.cancel()
-                    return None
-        finally:
-            getter.cancel()  # a no-op when it finished
+        ev = await next_event(request, self._queue)
+        if ev is None:
+            self.cancel()
+        return ev
 
     async def first(self, request: Request) -> Event | None:
         """The first event (None if the client went away). Raises EngineError when it is a failure."""
