@@ -39,6 +39,9 @@ def probe(endpoint: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
                 raise RpcError(f"RPC endpoint {endpoint} answered HELLO with {size} bytes: not a compatible "
                                "ggml rpc-server")
             major, minor, patch = _recv_exact(s, size)[:3]
+    except TimeoutError:
+        raise RpcError(f"RPC endpoint {endpoint} did not answer HELLO within {timeout_s:g} s (ggml's rpc-server "
+                       "serves one client at a time: is another runner connected to it?)") from None
     except OSError as e:
         raise RpcError(f"RPC endpoint {endpoint} is not reachable: {e}") from None
     if major != PROTO_MAJOR:

@@ -64,7 +64,7 @@ def _free_runtime(sched: CData, backends: list[CData], threadpool: CData) -> Non
 
 
 class Runtime:
-    """The CPU backend (with a persistent thread pool), any GPU backends, and one scheduler over all of them."""
+    """The CPU backend (with a persistent thread pool), any GPU and RPC backends, and one scheduler over all."""
 
     def __init__(self, options: RuntimeOptions | None = None) -> None:
         self.options = opts = options or RuntimeOptions()

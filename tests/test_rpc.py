@@ -236,3 +236,14 @@ def test_host_failing_after_hello_ends_the_runner_load_with_an_error(smollm2_pat
             assert "error loading model: an RPC device failed:" in runner.stderr()
         finally:
             runner.stop()
+
+
+def test_a_busy_server_is_refused_with_a_reason(servers: list[RpcServer]) -> None:
+    """ggml's server takes one client at a time: a second one's HELLO waits, and the probe says why it gave up."""
+    host, _, port = servers[0].endpoint.rpartition(":")
+    with socket.create_connection((host, int(port))) as first:
+        first.sendall(bytes([14]) + (24).to_bytes(8, "little") + bytes(24))
+        assert len(first.recv(64)) > 0  # the first client is being served
+        with pytest.raises(rpc.RpcError, match="serves one client at a time"):
+            rpc.probe(servers[0].endpoint, timeout_s=1)
+    rpc.probe(servers[0].endpoint)  # free again once the first client left
