@@ -61,6 +61,9 @@ class Runtime:
     def __init__(self, options: RuntimeOptions | None = None) -> None:
         self.options = opts = options or RuntimeOptions()
         self.n_layer = 0  # set by the backend that loads a model; places layers and the output layer
+        # The token of the context whose graph the scheduler allocated last: only that graph may run again
+        # without a new allocation (GgmlContext.recompute). None when no graph's allocation is known valid.
+        self.sched_user: object | None = None
         self.cpu_backend = check(lib.ggml_backend_cpu_init(), "ggml_backend_cpu_init")
         params = lib.ggml_threadpool_params_default(max(1, opts.threads))
         self._threadpool = check(lib.ggml_threadpool_new(ffi.new("struct ggml_threadpool_params *", params)),

@@ -148,6 +148,7 @@ class Decoder(Module):
     flash: bool = field(default=False, init=False)
 
     block_class: ClassVar[type[Block]] = Block
+    reusable_graphs: ClassVar[bool] = True  # the graph depends on the batch's shape and the cache layout only
 
     @classmethod
     def read_params(cls, backend: Backend) -> DecoderParams:

@@ -16,6 +16,7 @@ import numpy as np
 from ml.backend import Backend
 from ml.batch import Batch
 from ml.dtype import DType
+from runner.forward import ForwardRunner
 from runner.protocol import CompletionRequest
 from runner.responses import DoneReason, Metrics
 from runner.sampling import Sampler
@@ -91,6 +92,8 @@ class Engine:
         self.cache = model.new_cache(flash=fused) if self.can_generate else None
         if self.cache is not None:
             self.cache.init(backend, kv_type, self.parallel, self.n_ctx_slot * self.parallel, self.n_batch)
+        # Decode steps of one shape reuse the last built graph (runner/forward.py).
+        self._forward = ForwardRunner(backend, model, self.cache)
         # An input to embed gets the runner's context, and never more positions than the model was trained on
         # (bert's position table ends there).
         self.n_ctx_embed = min(n_ctx, int(getattr(model.params, "n_ctx_train", 0) or n_ctx))
@@ -111,6 +114,7 @@ class Engine:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=10)
+        self._forward.close()
         if self.cache is not None:
             self.cache.close()
 
@@ -244,13 +248,7 @@ class Engine:
         positions = np.asarray(step.positions(), dtype=np.int32)
         batch = Batch(np.asarray(tokens, dtype=np.int32), positions,
                       np.asarray(step.slots(), dtype=np.int32), np.asarray(step.outputs, dtype=np.int32))
-        ctx = self.backend.new_context()
-        try:
-            logits_t = self.model.forward(ctx, batch, self.cache)
-            ctx.forward(logits_t).compute(logits_t)
-            logits = logits_t.numpy().reshape(-1, self.n_vocab)
-        finally:
-            ctx.close()
+        logits = self._forward.logits(batch)
         now = time.monotonic()
         for c in step.chunks:
             slot = self.slots[c.slot]
