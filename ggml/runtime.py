@@ -64,6 +64,7 @@ class Runtime:
         # The token of the context whose graph the scheduler allocated last: only that graph may run again
         # without a new allocation (GgmlContext.recompute). None when no graph's allocation is known valid.
         self.sched_user: object | None = None
+        self.compute_seconds = 0.0  # time spent inside ggml's graph compute (the benches subtract it)
         self.cpu_backend = check(lib.ggml_backend_cpu_init(), "ggml_backend_cpu_init")
         params = lib.ggml_threadpool_params_default(max(1, opts.threads))
         self._threadpool = check(lib.ggml_threadpool_new(ffi.new("struct ggml_threadpool_params *", params)),
