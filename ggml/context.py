@@ -2,7 +2,6 @@
 op results are placed by the scheduler at `compute`. `close()` frees the ggml context and those buffers."""
 from __future__ import annotations
 
-import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -168,9 +167,7 @@ class GgmlContext:
         lib.ggml_backend_sched_reset(sched)
         if not lib.ggml_backend_sched_alloc_graph(sched, g):
             raise GgmlError(f"ggml_backend_sched_alloc_graph failed ({lib.ggml_graph_n_nodes(g)} nodes)")
-        started = time.perf_counter()
-        check_status(lib.ggml_backend_sched_graph_compute(sched, g), "ggml_backend_sched_graph_compute")
-        rt.compute_seconds += time.perf_counter() - started
+        rt.run_graph(g)
         rt.sched_user = self._root()._token  # this graph's allocation stays valid until another graph is computed
         for t in tensors:
             gt: GgmlTensor = t  # type: ignore[assignment]
@@ -193,9 +190,7 @@ class GgmlContext:
         root = self._root()
         rt = self._rt
         rt.sched_user = None
-        started = time.perf_counter()
-        check_status(lib.ggml_backend_sched_graph_compute(rt.sched, root._graph), "ggml_backend_sched_graph_compute")
-        rt.compute_seconds += time.perf_counter() - started
+        rt.run_graph(root._graph, repeat_of=root._token)
         rt.sched_user = root._token
         for t in tensors:
             gt: GgmlTensor = t  # type: ignore[assignment]
