@@ -5,8 +5,9 @@ takes a core, a thread that reached the barrier spins through its time slice whi
 running: with 2 threads on 2 busy cores a decode step gets several times slower, slower than 1 thread (which has no
 barrier). No load figure predicts this well, so the governor tries: while the same graph runs again step after step
 (decode with graph reuse, so the timings compare like with like), it now and then runs a few steps with the
-neighbouring thread count and keeps whichever is faster. Trials back off (16, 32, ... 256 steps apart) while they
-keep losing, so a quiet machine pays well under 1% for them.
+neighbouring thread count and keeps whichever is faster. A trial that is clearly slower ends after one step, and
+trials back off (16, 32, ... 256 steps apart) while they keep losing, so a quiet machine pays well under 1% for
+them.
 
 The thread count never changes results: the batch-invariant kernels split work by output rows, each row computed
 by one thread the same way (tests/test_thread_policy.py).
@@ -32,7 +33,7 @@ class ThreadGovernor:
         self.trial_steps = trial_steps
         self.margin = margin
         self._interval = explore_every
-        self._countdown = explore_every
+        self._countdown = 3  # the first trial comes early: a contended start should not last 16 slow steps
         self._graph: object | None = None
         self._samples: list[float] = []  # seconds per compute at `current`, this graph
         self._trial: int | None = None
@@ -58,7 +59,9 @@ class ThreadGovernor:
             return
         if self._trial is not None and threads == self._trial:
             self._trial_samples.append(seconds)
-            if len(self._trial_samples) >= self.trial_steps:
+            # A clear loss ends the trial at once: under contention a trial of more threads costs several steps.
+            if (len(self._trial_samples) >= self.trial_steps
+                    or seconds * self.margin > statistics.median(self._samples)):
                 self._decide()
         elif threads == self.current:
             self._samples = (self._samples + [seconds])[-8:]
