@@ -99,8 +99,10 @@ class Ours:
         return self.runner.logits(batch)
 
     @property
-    def compute_seconds(self) -> float:
-        return self.backend.runtime.compute_seconds
+    def compute_seconds(self) -> tuple[float, float]:
+        """Wall and calling-thread CPU seconds spent in ggml's graph compute so far."""
+        rt = self.backend.runtime
+        return rt.compute_seconds, rt.compute_thread_seconds
 
     def _drop(self) -> None:
         if self.runner is not None:
@@ -165,12 +167,16 @@ def run_decode(engine: Engine, n_seq: int, best: Best, key: str) -> None:
     engine.reset()
     first, _ = prefill(engine, n_seq)
     if isinstance(engine, Ours):
-        compute0, n_prep = engine.compute_seconds, len(engine.prepare_seconds)
+        (wall0, cpu0), n_prep = engine.compute_seconds, len(engine.prepare_seconds)
         built0 = engine.runner.n_built if engine.runner else 0
+        thread0 = time.thread_time()
     elapsed = decode(engine, first, N_DECODE)
     if isinstance(engine, Ours):
         assert engine.runner is not None
-        best.add(key, elapsed, N_DECODE * n_seq, python=(elapsed - (engine.compute_seconds - compute0)) / N_DECODE,
+        thread_cpu = time.thread_time() - thread0
+        wall1, cpu1 = engine.compute_seconds
+        best.add(key, elapsed, N_DECODE * n_seq, python=(elapsed - (wall1 - wall0)) / N_DECODE,
+                 python_cpu=(thread_cpu - (cpu1 - cpu0)) / N_DECODE,
                  prepare=statistics.median(engine.prepare_seconds[n_prep:]),
                  built=engine.runner.n_built - built0)
     else:
@@ -208,6 +214,10 @@ def bench_model(path: Path, threads: int, repeats: int, *, unfused: bool, fast_k
                 for n_seq in SEQS:
                     run_decode(engine, n_seq, best, f"decode{n_seq}")
             run_decode(ours1, 1, engines[0][1], "decode1_1thread")
+            if theirs is not None:
+                theirs.set_threads(1)
+                run_decode(theirs, 1, engines[1][1], "decode1_1thread")
+                theirs.set_threads(threads)
         with busy_process():
             for _ in range(repeats):
                 for engine, best in engines:
@@ -235,16 +245,18 @@ def table(ours: Best, theirs: Best | None, threads: int) -> str:
     for label, x, y in rows:
         ratio = f"{x / y:.2f}" if x is not None and y else "n/a"
         out.append(f"| {label} | {_fmt(x)} | {_fmt(y)} | {ratio} |")
-    quiet1 = a.get("decode1_1thread")
+    quiet1, quiet1_b = a.get("decode1_1thread"), b.get("decode1_1thread")
     contended = a.get("decode1_contended")
-    out.append(f"| decode, 1 seq, 1 thread (tok/s) | {_fmt(quiet1)} | | |")
+    ratio1 = f"{quiet1 / quiet1_b:.2f}" if quiet1 and quiet1_b else "n/a"
+    out.append(f"| decode, 1 seq, 1 thread (tok/s) | {_fmt(quiet1)} | {_fmt(quiet1_b)} | {ratio1} |")
     if quiet1 and contended:
         out.append(f"| contended {threads}-thread / 1-thread decode (x) | {contended / quiet1:.2f} | | |")
     for n in SEQS:
         extra = ours.extra.get(f"decode{n}", {})
         if extra:
-            out.append(f"| Python per decode step, {n} seq{'s' if n > 1 else ''} (µs): all / cache prepare | "
-                       f"{extra['python'] * 1e6:.0f} / {extra['prepare'] * 1e6:.0f} | | |")
+            out.append(f"| Python per decode step, {n} seq{'s' if n > 1 else ''} (µs): wall / CPU / cache prepare | "
+                       f"{extra['python'] * 1e6:.0f} / {extra['python_cpu'] * 1e6:.0f} / "
+                       f"{extra['prepare'] * 1e6:.0f} | | |")
     extra = ours.extra.get("decode1", {})
     if extra:
         out.append(f"| graphs built in {N_DECODE} decode steps, 1 seq | {extra['built']:.0f} | | |")

@@ -70,6 +70,7 @@ class Runtime:
         # without a new allocation (GgmlContext.recompute). None when no graph's allocation is known valid.
         self.sched_user: object | None = None
         self.compute_seconds = 0.0  # time spent inside ggml's graph compute (the benches subtract it)
+        self.compute_thread_seconds = 0.0  # CPU time of the calling thread in there (robust to a busy machine)
         self.cpu_backend = check(lib.ggml_backend_cpu_init(), "ggml_backend_cpu_init")
         params = lib.ggml_threadpool_params_default(max(1, opts.threads))
         self._threadpool = check(lib.ggml_threadpool_new(ffi.new("struct ggml_threadpool_params *", params)),
@@ -98,10 +99,11 @@ class Runtime:
         n = self.governor.threads(repeat_of) if self.governor is not None else self._threads_now
         if n != self._threads_now:
             self._set_threads(n)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         check_status(lib.ggml_backend_sched_graph_compute(self._sched, graph), "ggml_backend_sched_graph_compute")
         seconds = time.perf_counter() - started
         self.compute_seconds += seconds
+        self.compute_thread_seconds += time.thread_time() - cpu_started
         if self.governor is not None:
             self.governor.observe(repeat_of, n, seconds)
 
