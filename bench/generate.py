@@ -178,7 +178,7 @@ def run_decode(engine: Engine, n_seq: int, best: Best, key: str) -> None:
         best.add(key, elapsed, N_DECODE * n_seq, python=(elapsed - (wall1 - wall0)) / N_DECODE,
                  python_cpu=(thread_cpu - (cpu1 - cpu0)) / N_DECODE,
                  prepare=statistics.median(engine.prepare_seconds[n_prep:]),
-                 built=engine.runner.n_built - built0)
+                 built=engine.runner.n_built - built0, threads=engine.backend.runtime.threads_now)
     else:
         best.add(key, elapsed, N_DECODE * n_seq)
 
@@ -260,6 +260,7 @@ def table(ours: Best, theirs: Best | None, threads: int) -> str:
     extra = ours.extra.get("decode1", {})
     if extra:
         out.append(f"| graphs built in {N_DECODE} decode steps, 1 seq | {extra['built']:.0f} | | |")
+        out.append(f"| threads the governor ran the last 1-seq decode step with | {extra['threads']:.0f} | | |")
     return "\n".join(out)
 
 
