@@ -114,7 +114,8 @@ class Engine:
             self._stop = True
             self._cv.notify_all()
         self._thread.join(timeout=10)
-        self._forward.close()
+        if not self._thread.is_alive():  # a step still running would use the kept graph
+            self._forward.close()
         if self.cache is not None:
             self.cache.close()
 
