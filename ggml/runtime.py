@@ -8,6 +8,7 @@ AVX2/AVX-512).
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -15,6 +16,8 @@ from ggml import rpc
 from ggml._lib import CData, check, ffi, lib
 from ggml.placement import main_first, place_layer
 from ml.errors import ModelLoadError
+from ggml._lib import CData, check, check_status, ffi, lib
+from ggml.threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,9 @@ class RuntimeOptions:
     """With fast_kernels: keep Q4_0/Q4_K/IQ4_NL matmul weights in ggml's repacked CPU layout."""
     rpc: tuple[str, ...] = ()
     """`host:port` of ggml rpc-servers: each is one more device for layer placement (see ggml/placement.py)."""
+    adaptive_threads: bool = True
+    """Let a ThreadGovernor run repeated graphs with fewer threads while that is faster (another process taking a
+    core); `threads` stays the most it uses. Results do not depend on it."""
 
 
 @dataclass
@@ -69,6 +75,11 @@ class Runtime:
     def __init__(self, options: RuntimeOptions | None = None) -> None:
         self.options = opts = options or RuntimeOptions()
         self.n_layer = 0  # set by the backend that loads a model; places layers and the output layer
+        # The token of the context whose graph the scheduler allocated last: only that graph may run again
+        # without a new allocation (GgmlContext.recompute). None when no graph's allocation is known valid.
+        self.sched_user: object | None = None
+        self.compute_seconds = 0.0  # time spent inside ggml's graph compute (the benches subtract it)
+        self.compute_thread_seconds = 0.0  # CPU time of the calling thread in there (robust to a busy machine)
         self.cpu_backend = check(lib.ggml_backend_cpu_init(), "ggml_backend_cpu_init")
         params = lib.ggml_threadpool_params_default(max(1, opts.threads))
         self._threadpool = check(lib.ggml_threadpool_new(ffi.new("struct ggml_threadpool_params *", params)),
@@ -90,6 +101,35 @@ class Runtime:
         self._sched = check(lib.ggml_backend_sched_new(arr, ffi.NULL, len(backends), GRAPH_SIZE, False, True),
                             "ggml_backend_sched_new", f"{len(backends)} backends")
         self._finalizer = weakref.finalize(self, _free_runtime, self._sched, backends, self._threadpool)
+        self._threads_now = max(1, opts.threads)
+        self.governor = (ThreadGovernor(self._threads_now)
+                         if opts.adaptive_threads and self._threads_now > 1 and not self.gpus else None)
+
+    def run_graph(self, graph: CData, repeat_of: object | None = None) -> None:
+        """Compute an allocated graph. `repeat_of` names it when it ran before (its timing then compares with
+        the last runs', and the thread governor may try another thread count on it)."""
+        n = self.governor.threads(repeat_of) if self.governor is not None else self._threads_now
+        if n != self._threads_now:
+            self._set_threads(n)
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        check_status(lib.ggml_backend_sched_graph_compute(self._sched, graph), "ggml_backend_sched_graph_compute")
+        seconds = time.perf_counter() - started
+        self.compute_seconds += seconds
+        self.compute_thread_seconds += time.thread_time() - cpu_started
+        if self.governor is not None:
+            self.governor.observe(repeat_of, n, seconds)
+
+    def _set_threads(self, n: int) -> None:
+        # One thread runs without the pool: its idle workers would otherwise wake and spin at every graph.
+        # ggml pauses the pool when it is detached and resumes it at the next graph that uses it.
+        lib.ggml_backend_cpu_set_threadpool(self.cpu_backend, self._threadpool if n > 1 else ffi.NULL)
+        lib.ggml_backend_cpu_set_n_threads(self.cpu_backend, n)
+        self._threads_now = n
+
+    @property
+    def threads_now(self) -> int:
+        """Threads the last graph ran with."""
+        return self._threads_now
 
     def _find_repack_buft(self) -> CData | None:
         dev = lib.ggml_backend_dev_by_type(lib.GGML_BACKEND_DEVICE_TYPE_CPU)

@@ -19,6 +19,7 @@ from ml.dtype import DType
 from ml.errors import ModelLoadError
 from runner.errors import GrammarError
 from runner.grammar import Constraint, GrammarCompiler
+from runner.forward import ForwardRunner
 from runner.protocol import CompletionRequest
 from runner.responses import DoneReason, Metrics
 from runner.sampling import Sampler
@@ -137,6 +138,8 @@ class Engine:
         self.cache = model.new_cache(flash=fused, n_ctx_seq=self.n_ctx_slot) if self.can_generate else None
         if self.cache is not None:
             self.cache.init(backend, kv_type, self.parallel, self.n_ctx_slot * self.parallel, self.n_batch)
+        # Decode steps of one shape reuse the last built graph (runner/forward.py).
+        self._forward = ForwardRunner(backend, model, self.cache)
         # An input to embed gets the runner's context, and never more positions than the model was trained on
         # (bert's position table ends there).
         self.n_ctx_embed = min(n_ctx, int(getattr(model.params, "n_ctx_train", 0) or n_ctx))
@@ -166,6 +169,8 @@ class Engine:
             self._cv.notify_all()
         if self._thread.ident is not None and not self._device_failed():  # started, and not parked in ggml
             self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # a step still running would use the kept graph
+            self._forward.close()
         if self.cache is not None:
             self.cache.close()
 
@@ -205,7 +210,7 @@ class Engine:
             if self.cache is not None:
                 batch = Batch.single(ids[:min(len(ids), self.n_ctx_slot)])
                 try:
-                    values = self._forward(batch)
+                    values = self._run_forward(batch)
                 finally:
                     self._kv().remove(0, 0, None)
             else:
@@ -379,7 +384,7 @@ class Engine:
         batch = Batch(np.asarray(tokens, dtype=np.int32), positions,
                       np.asarray(step.slots(), dtype=np.int32), np.asarray(step.outputs, dtype=np.int32))
         try:
-            logits = self._forward(batch)
+            logits = self._run_forward(batch)
         except Exception as e:  # the whole pass failed: its sequences end, the runner keeps serving
             log.exception("forward pass failed")
             self._forward_failed(f"{type(e).__name__}: {e}", {c.slot for c in step.chunks})
@@ -400,17 +405,14 @@ class Engine:
                     log.warning("sequence in slot %d failed: %s", slot.id, e)
                     self._fail(slot, seq, str(e))
 
-    def _forward(self, batch: Batch) -> np.ndarray[Any, Any]:
-        """Logits [n_outputs, n_vocab] of one forward pass, timed for the stall watch."""
-        ctx = self.backend.new_context()
+    def _run_forward(self, batch: Batch) -> np.ndarray[Any, Any]:
+        """Logits [n_outputs, n_vocab] of one forward pass (a kept graph where it fits), timed for the stall
+        watch."""
         self.watch.begin(len(batch.tokens))
         try:
-            logits_t = self.model.forward(ctx, batch, self.cache)
-            ctx.forward(logits_t).compute(logits_t)
-            logits: np.ndarray[Any, Any] = logits_t.numpy().reshape(-1, self.n_vocab)
+            logits: np.ndarray[Any, Any] = self._forward.logits(batch)
         finally:
             self.watch.end()
-            ctx.close()
         self._failed_forwards = 0
         return logits
 

@@ -50,7 +50,6 @@ def test_a_failed_device_ends_every_request_and_turns_health_red(loaded: Loaded,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     failed = threading.Event()
     parked = threading.Event()
-    real = loaded.model.forward
     calls = [0]
 
     def forward(*args: Any, **kw: Any) -> Any:
@@ -62,7 +61,8 @@ def test_a_failed_device_ends_every_request_and_turns_health_red(loaded: Loaded,
 
     monkeypatch.setattr(loaded.backend, "failure", lambda: REASON if failed.is_set() else None)
     engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=128, n_batch=32, parallel=2)
-    monkeypatch.setattr(loaded.model, "forward", forward)
+    real = engine._forward.logits  # every pass, kept graph or fresh, goes through here
+    monkeypatch.setattr(engine._forward, "logits", forward)
     engine.start()
     try:
         outs = [Collector() for _ in range(3)]  # two run, one waits for a slot
