@@ -49,6 +49,7 @@ test: build models
 bench: build models
 	$(BIN)/python bench/ops.py --threads $(THREADS)
 	$(BIN)/python bench/generate.py --threads $(THREADS)
+	$(BIN)/python bench/rpc.py --threads 1
 
 typecheck: | $(VENV)/.installed
 	$(BIN)/mypy ml ggml models kvcache runner
