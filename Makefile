@@ -65,6 +65,7 @@ bench: build models
 	$(if $(filter 1,$(LLAMA_CPP)),-$(MAKE) llama-cpp)
 	$(BIN)/python bench/ops.py --threads $(THREADS)
 	$(BIN)/python bench/generate.py --threads $(THREADS)
+	$(BIN)/python bench/rpc.py --threads 1
 
 typecheck: | $(VENV)/.installed
 	$(BIN)/mypy ml ggml models kvcache runner

@@ -236,7 +236,8 @@ int ggml_cpu_has_avx512(void);
 """
 
 CDEF_RPC = """
-// ---- ggml-rpc.h, through the small C helpers below (they compile to 'not available' without GGML_RPC) ----
+// ---- ggml-rpc.h, through the small C helpers below (they compile to 'not available' without GGML_RPC, so the
+// build against the prebuilt wheel needs nothing new from its ggml) ----
 int pyrunner_rpc_available(void);
 ggml_backend_t pyrunner_rpc_backend(const char * endpoint);
 ggml_backend_buffer_type_t pyrunner_rpc_buffer_type(const char * endpoint);
@@ -256,6 +257,10 @@ C_SOURCE = """
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+
+#ifdef PYRUNNER_RPC
+#include "ggml-rpc.h"
+#include "ggml-backend-impl.h"
 
 /* An abort inside ggml's RPC client (a remote host that died or never answered) would end the whole runner
    with abort(). The hook records the message and parks the thread that hit it instead, so Python can notice the
@@ -291,10 +296,6 @@ int pyrunner_rpc_failure(char * buf, size_t size) {
     snprintf(buf, size, "%s", pyrunner_failure);
     return 1;
 }
-
-#ifdef PYRUNNER_RPC
-#include "ggml-rpc.h"
-#include "ggml-backend-impl.h"
 
 int pyrunner_rpc_available(void) { return 1; }
 ggml_backend_t pyrunner_rpc_backend(const char * endpoint) { return ggml_backend_rpc_init(endpoint, 0); }
@@ -355,6 +356,8 @@ void pyrunner_rpc_device_memory(const char * endpoint, size_t * free, size_t * t
 int pyrunner_rpc_serve(const char * endpoint, int n_threads, bool use_ref, size_t mem_bytes) {
     (void) endpoint; (void) n_threads; (void) use_ref; (void) mem_bytes; return -1;
 }
+void pyrunner_install_abort_hook(void) {}
+int pyrunner_rpc_failure(char * buf, size_t size) { (void) buf; (void) size; return 0; }
 #endif
 """
 
