@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 FIXTURES = Path(__file__).resolve().parent / "data" / "grammar"
 SCHEMAS = sorted(p.name.removesuffix(".schema.json") for p in FIXTURES.glob("*.schema.json"))
 N_SAMPLES = 30
-SLOT_CTX = 128  # per sequence: prompt + a typical sample (a longer one shifts the context, which is fine)
+SLOT_CTX = 96  # per sequence: prompt + a typical sample (a longer one shifts the context, which is fine)
 NUM_PREDICT = 200  # above the longest text any of the schema grammars allows, in tokens
 PROMPT = {"smollm2": "<|im_start|>user\nGive me an example as JSON.<|im_end|>\n<|im_start|>assistant\n",
           "gemma3": "<start_of_turn>user\nGive me an example as JSON.<end_of_turn>\n<start_of_turn>model\n"}
@@ -155,7 +155,7 @@ def test_dead_end_fails_only_its_sequence(model: tuple[str, Engine]) -> None:
     (text, ok), (dead_text, failed) = res.wait()
     assert ok.error is None and ok.done == DoneReason.LENGTH and text
     assert failed.error is not None and "dead end" in failed.error
-    assert dead_text == "{"
+    assert "z" not in dead_text  # it ended where no token could spell the "z"
 
 
 def test_context_shift_and_truncation_with_grammar(smollm2_path: Path) -> None:
