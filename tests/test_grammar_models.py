@@ -174,3 +174,22 @@ def test_context_shift_and_truncation_with_grammar(smollm2_path: Path) -> None:
     assert final.error is None and final.done == DoneReason.STOP
     assert re.fullmatch(r"(ab[0-9] ){40}end", text), text
     assert final.metrics is not None and final.metrics.eval_count > 64
+
+
+def test_character_split_over_byte_tokens(model: tuple[str, Engine]) -> None:
+    """"é" spelled by the vocabulary's two single-byte tokens (byte-level BPE's "Ã" "©" on SmolLM2, the byte-fallback
+    tokens <0xC3> <0xA9> on Gemma 3), and the grammar ends only after the second byte."""
+    name, engine = model
+    tok = engine.tokenizer
+    first, second = (tok.token_id("Ã"), tok.token_id("©")) if name == "smollm2" else (
+        tok.token_id("<0xC3>"), tok.token_id("<0xA9>"))
+    assert (tok.token_bytes(first), tok.token_bytes(second)) == (b"\xc3", b"\xa9")
+    c = engine.grammars.compile(request("", grammar='root ::= "x" [à-ü]'))
+    assert c is not None
+    eos = min(tok.eog_ids)
+    c.accept(tok.encode("x", add_special=False)[0])
+    assert c.allows(first) and not c.allows(second) and not c.allows(eos)
+    c.accept(first)
+    assert c.allows(second) and not c.allows(first) and not c.allows(eos)
+    c.accept(second)
+    assert c.allows(eos)
