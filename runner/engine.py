@@ -17,7 +17,6 @@ from ml.backend import Backend
 from ml.batch import Batch
 from ml.dtype import DType
 from ml.errors import ModelLoadError
-from runner.errors import GrammarError
 from runner.grammar import Constraint, GrammarCompiler
 from runner.forward import ForwardRunner
 from runner.protocol import CompletionRequest
@@ -468,13 +467,7 @@ class Engine:
         if seq.grammar is None:
             token = seq.sampler.sample(row)
         else:
-            try:
-                token = seq.grammar.sample(seq.sampler, row)
-            except GrammarError as e:  # a dead end fails this sequence only
-                log.warning("grammar: %s", e)
-                seq.sink(Event(done=DoneReason.STOP, error=str(e)))
-                slot.seq = None
-                return
+            token = seq.grammar.sample(seq.sampler, row)  # a dead end raises GrammarError: _step ends this sequence
         seq.sampler.accept(token)
         seq.n_generated += 1
         if self.tokenizer.is_eog(token):
