@@ -11,7 +11,14 @@ PORT ?= 11435
 THREADS ?= 2
 EXT := ggml/_ggml_api$(shell $(PY) -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
 
-.PHONY: all venv build models run test bench typecheck clean
+# llama.cpp for `make bench` to compare against: llama-cpp-python built (CPU only, native) from the pinned sdist that
+# the ggml build downloaded and sha-checked. Several minutes on 2 cores, once; LLAMA_CPP=0 skips it, and a failed
+# build only leaves llama.cpp's column of the bench empty.
+LCP_VERSION := 0.3.36
+LCP_SDIST := $(CACHE)/sdist/llama_cpp_python-$(LCP_VERSION).tar.gz
+LLAMA_CPP ?= 1
+
+.PHONY: all venv build models run test bench llama-cpp typecheck clean
 
 all: build
 
@@ -46,9 +53,19 @@ run: build $(DEFAULT_MODEL)
 test: build models
 	$(BIN)/python -m pytest -q
 
+$(VENV)/.llama_cpp: | build
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_BLAS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	    -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	    $(BIN)/pip install -q $(LCP_SDIST)
+	touch $@
+
+llama-cpp: $(VENV)/.llama_cpp
+
 bench: build models
+	$(if $(filter 1,$(LLAMA_CPP)),-$(MAKE) llama-cpp)
 	$(BIN)/python bench/ops.py --threads $(THREADS)
 	$(BIN)/python bench/generate.py --threads $(THREADS)
+	$(BIN)/python bench/rpc.py --threads 1
 
 typecheck: | $(VENV)/.installed
 	$(BIN)/mypy ml ggml models kvcache runner

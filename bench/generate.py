@@ -1,42 +1,49 @@
-"""Generation throughput with a real model: prefill and decode tokens/s, batched decode over several sequences,
-and the per-step cost of the KV cache's bookkeeping (start_forward, mask building).
+"""Generation throughput with real models, side by side with llama.cpp in the same run: prefill and decode tokens/s,
+batched decode over 1/2/4 sequences, decode with a competing busy process, and the Python work per decode step.
 
-    .venv/bin/python bench/generate.py [--model PATH] [--threads N] [--repeats 3]
+    .venv/bin/python bench/generate.py [--model PATH ...] [--threads N] [--repeats 3] [--no-reuse]
 
-Measures, best of `--repeats` runs each:
+Per model (default: SmolLM2 and Gemma 3 where fetched), best of `--repeats` runs each, ours and llama.cpp's runs
+interleaved so that both see the same load:
   * prefill: one forward of a 128-token prompt (fresh cache);
-  * decode: 64 greedy steps after that prompt, one token per step;
-  * batched decode: 1, 2 and 4 sequences (each with its own 128-token prompt, prefilled together), 64 steps of
-    one token per sequence per forward; tokens/s counts every sequence's tokens;
-  * cache overhead per decode step: the median time of cache.start_forward (placement, mask, input tensors) and,
-    inside it, of building the mask, in microseconds.
-Prints a markdown table. When the `llama_cpp` package is importable, llama.cpp's prefill and decode are measured
-side by side on the same model and thread count.
+  * decode: 1, 2 and 4 sequences (each with its own 128-token prompt, prefilled together), 64 greedy steps of one
+    token per sequence per forward; tokens/s counts every sequence's tokens;
+  * contended: single-sequence decode while one busy process spins on a core, next to our quiet 1-thread decode
+    (the figure it should not fall below);
+  * Python per decode step: the step's wall time minus the time inside ggml's graph compute (cache placement,
+    input refresh or graph building, reading logits, the argmax), and the cache's share of it (`prepare`).
+llama.cpp is llama-cpp-python's low-level API (bench/llamacpp.py) when importable, else its column is n/a. Timings
+are wall-clock on whatever else the machine runs: compare the ratios of one run, not figures across runs.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import numpy.typing as npt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import llamacpp  # noqa: E402
 from ggml.backend import load_backend  # noqa: E402
 from ggml.runtime import RuntimeOptions  # noqa: E402
 from ml.batch import Batch  # noqa: E402
 from ml.dtype import DType  # noqa: E402
 from models import load_model  # noqa: E402
+from runner.forward import ForwardRunner  # noqa: E402
 
 CACHE_DIR = Path(os.environ.get("OLLAMA_PYRUNNER_CACHE", Path.home() / ".cache" / "ollama-pyrunner"))
 MODELS_DIR = Path(os.environ.get("MODELS_DIR", CACHE_DIR / "models"))
-DEFAULT_MODEL = MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODELS = (MODELS_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf", MODELS_DIR / "gemma-3-270m-q4_k_m.gguf")
 
 N_PROMPT = 128
 N_DECODE = 64
@@ -45,190 +52,246 @@ N_CTX_SEQ = 256  # cache cells per sequence: a prompt plus the decode fits
 N_BATCH = 512
 
 
+class Engine(Protocol):
+    n_vocab: int
+
+    def reset(self) -> None: ...
+    def forward(self, batch: Batch) -> npt.NDArray[np.float32]: ...
+
+
 def prompt_tokens(n_vocab: int, n: int, seed: int) -> list[int]:
     """Deterministic ordinary-looking token ids (away from the special ones at both ends of the vocabulary)."""
     g = np.random.default_rng(seed)
     return [int(t) for t in g.integers(min(300, n_vocab // 4), max(n_vocab - 300, n_vocab // 2), size=n)]
 
 
-class Bench:
-    def __init__(self, path: Path, threads: int, unfused: bool = False, fast_kernels: bool = False) -> None:
-        self.fused = not unfused  # the runner uses ggml's fused attention kernel by default
-        opts = RuntimeOptions(threads=threads, fast_kernels=fast_kernels)
-        self.backend = load_backend(path, opts)
+class Ours:
+    """The runner's path: a KV cache and a ForwardRunner (graph reuse unless `reuse` is off)."""
+
+    def __init__(self, path: Path, threads: int, *, unfused: bool = False, fast_kernels: bool = False,
+                 reuse: bool = True) -> None:
+        self.fused, self.reuse = not unfused, reuse
+        self.backend = load_backend(path, RuntimeOptions(threads=threads, fast_kernels=fast_kernels))
         self.model = load_model(self.backend)
         self.n_vocab = int(self.model.params.n_vocab)
+        self.cache: Any = None
+        self.runner: ForwardRunner | None = None
+        self.prepare_seconds: list[float] = []  # per cache.prepare call since the last reset
 
-    def new_cache(self) -> Any:
-        cache = self.model.new_cache(flash=self.fused)
-        cache.init(self.backend, DType.F16, max(SEQS), N_CTX_SEQ * max(SEQS), N_BATCH)
-        return cache
+    def reset(self) -> None:
+        self._drop()
+        self.cache = self.model.new_cache(flash=self.fused)
+        self.cache.init(self.backend, DType.F16, max(SEQS), N_CTX_SEQ * max(SEQS), N_BATCH)
+        self.runner = ForwardRunner(self.backend, self.model, self.cache, reuse=self.reuse)
+        self.prepare_seconds = []
+        inner = self.cache.prepare
 
-    def forward(self, cache: Any, batch: Batch) -> np.ndarray:
-        ctx = self.backend.new_context()
-        try:
-            out = self.model.forward(ctx, batch, cache)
-            ctx.forward(out).compute(out)
-            return np.asarray(out.numpy()).reshape(-1, self.n_vocab)
-        finally:
-            ctx.close()
+        def timed(batch: Batch) -> Any:
+            t = time.perf_counter()
+            try:
+                return inner(batch)
+            finally:
+                self.prepare_seconds.append(time.perf_counter() - t)
+        self.cache.prepare = timed
 
-    def prefill(self, cache: Any, n_seq: int) -> list[int]:
-        """Every sequence's prompt in one batch; returns each sequence's first generated token."""
-        toks, pos, seqs, outs = [], [], [], []
-        for s in range(n_seq):
-            toks += prompt_tokens(self.n_vocab, N_PROMPT, seed=s)
-            pos += list(range(N_PROMPT))
-            seqs += [s] * N_PROMPT
-            outs.append(len(toks) - 1)
-        batch = Batch(np.asarray(toks, np.int32), np.asarray(pos, np.int32), np.asarray(seqs, np.int32),
-                      np.asarray(outs, np.int32))
-        return [int(t) for t in np.argmax(self.forward(cache, batch), axis=1)]
+    def forward(self, batch: Batch) -> npt.NDArray[np.float32]:
+        assert self.runner is not None
+        return self.runner.logits(batch)
 
-    def decode(self, cache: Any, first: list[int], n_steps: int) -> float:
-        """n_steps forwards of one greedy token per sequence; returns the elapsed seconds."""
-        n_seq = len(first)
-        last = list(first)
-        seqs = np.arange(n_seq, dtype=np.int32)
-        t0 = time.perf_counter()
-        for step in range(n_steps):
-            pos = np.full(n_seq, N_PROMPT + step, dtype=np.int32)
-            batch = Batch(np.asarray(last, np.int32), pos, seqs, np.arange(n_seq, dtype=np.int32))
-            last = [int(t) for t in np.argmax(self.forward(cache, batch), axis=1)]
-        return time.perf_counter() - t0
+    @property
+    def compute_seconds(self) -> tuple[float, float]:
+        """Wall and calling-thread CPU seconds spent in ggml's graph compute so far."""
+        rt = self.backend.runtime
+        return rt.compute_seconds, rt.compute_thread_seconds
 
-    def run(self, repeats: int) -> dict[str, Any]:
-        res: dict[str, Any] = {}
-        best_prefill = float("inf")
-        for _ in range(repeats):
-            cache = self.new_cache()
-            batch = Batch.single(prompt_tokens(self.n_vocab, N_PROMPT, seed=0))
-            t0 = time.perf_counter()
-            self.forward(cache, batch)
-            best_prefill = min(best_prefill, time.perf_counter() - t0)
-            cache.close()
-        res["prefill"] = N_PROMPT / best_prefill
-        for n_seq in SEQS:
-            best, sf_us, mask_us = float("inf"), [], []
-            for _ in range(repeats):
-                cache = self.new_cache()
-                first = self.prefill(cache, n_seq)
-                sf, mk = _instrument(cache)
-                elapsed = self.decode(cache, first, N_DECODE)
-                if elapsed < best:
-                    best = elapsed
-                    sf_us = [t * 1e6 for t in sf]
-                    mask_us = [t * 1e6 for t in mk]
-                cache.close()
-            res[f"decode{n_seq}"] = N_DECODE * n_seq / best
-            res[f"start_forward{n_seq}"] = statistics.median(sf_us)
-            res[f"mask{n_seq}"] = statistics.median(mask_us) if mask_us else float("nan")
-        return res
+    def _drop(self) -> None:
+        if self.runner is not None:
+            self.runner.close()
+            self.cache.close()
+            self.runner = self.cache = None
 
     def close(self) -> None:
+        self._drop()
         self.backend.close()
 
 
-def _instrument(cache: Any) -> tuple[list[float], list[float]]:
-    """Record, per call of cache.start_forward, its duration and the time spent building masks inside it (every
-    causal member of a wrapper cache summed). Returns the two lists (seconds), filled as the cache is used."""
-    sf_times: list[float] = []
-    mask_times: list[float] = []
-    step_mask: list[float] = []
-
-    def timed_mask(inner: Callable[..., Any]) -> Callable[..., Any]:
-        def mask(*a: Any, **kw: Any) -> Any:
-            t = time.perf_counter()
-            try:
-                return inner(*a, **kw)
-            finally:
-                step_mask.append(time.perf_counter() - t)
-        return mask
-
-    for c in getattr(cache, "caches", [cache]):
-        if getattr(c, "cells", None) is not None:
-            c.cells.mask = timed_mask(c.cells.mask)
-    inner_sf = cache.start_forward
-
-    def start_forward(*a: Any, **kw: Any) -> Any:
-        step_mask.clear()
-        t = time.perf_counter()
-        try:
-            return inner_sf(*a, **kw)
-        finally:
-            sf_times.append(time.perf_counter() - t)
-            mask_times.append(sum(step_mask))
-    cache.start_forward = start_forward
-    return sf_times, mask_times
+def prefill(engine: Engine, n_seq: int) -> tuple[list[int], float]:
+    """Every sequence's prompt in one batch; each sequence's first generated token, and the seconds taken."""
+    toks, pos, seqs, outs = [], [], [], []
+    for s in range(n_seq):
+        toks += prompt_tokens(engine.n_vocab, N_PROMPT, seed=s)
+        pos += list(range(N_PROMPT))
+        seqs += [s] * N_PROMPT
+        outs.append(len(toks) - 1)
+    batch = Batch(np.asarray(toks, np.int32), np.asarray(pos, np.int32), np.asarray(seqs, np.int32),
+                  np.asarray(outs, np.int32))
+    t0 = time.perf_counter()
+    first = [int(t) for t in np.argmax(engine.forward(batch), axis=1)]
+    return first, time.perf_counter() - t0
 
 
-def llama_cpp_bench(path: Path, threads: int, repeats: int, n_vocab: int) -> dict[str, Any] | None:
-    """llama.cpp's prefill and single-sequence decode through llama-cpp-python, when installed."""
+def decode(engine: Engine, first: list[int], n_steps: int) -> float:
+    """n_steps forwards of one greedy token per sequence; returns the elapsed seconds."""
+    n_seq = len(first)
+    last = list(first)
+    seqs = np.arange(n_seq, dtype=np.int32)
+    outs = np.arange(n_seq, dtype=np.int32)
+    t0 = time.perf_counter()
+    for step in range(n_steps):
+        pos = np.full(n_seq, N_PROMPT + step, dtype=np.int32)
+        logits = engine.forward(Batch(np.asarray(last, np.int32), pos, seqs, outs))
+        last = [int(t) for t in np.argmax(logits, axis=1)]
+    return time.perf_counter() - t0
+
+
+class Best:
+    """The best (lowest) seconds seen per measure, and what came with that run."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.tokens: dict[str, int] = {}
+        self.extra: dict[str, dict[str, float]] = {}
+
+    def add(self, key: str, seconds: float, tokens: int, **extra: float) -> None:
+        if seconds < self.seconds.get(key, float("inf")):
+            self.seconds[key] = seconds
+            self.tokens[key] = tokens
+            self.extra[key] = extra
+
+    def rates(self) -> dict[str, float]:
+        """tokens/s per measure."""
+        return {key: self.tokens[key] / s for key, s in self.seconds.items()}
+
+
+def run_decode(engine: Engine, n_seq: int, best: Best, key: str) -> None:
+    engine.reset()
+    first, _ = prefill(engine, n_seq)
+    if isinstance(engine, Ours):
+        (wall0, cpu0), n_prep = engine.compute_seconds, len(engine.prepare_seconds)
+        built0 = engine.runner.n_built if engine.runner else 0
+        thread0 = time.thread_time()
+    elapsed = decode(engine, first, N_DECODE)
+    if isinstance(engine, Ours):
+        assert engine.runner is not None
+        thread_cpu = time.thread_time() - thread0
+        wall1, cpu1 = engine.compute_seconds
+        best.add(key, elapsed, N_DECODE * n_seq, python=(elapsed - (wall1 - wall0)) / N_DECODE,
+                 python_cpu=(thread_cpu - (cpu1 - cpu0)) / N_DECODE,
+                 prepare=statistics.median(engine.prepare_seconds[n_prep:]),
+                 built=engine.runner.n_built - built0, threads=engine.backend.runtime.threads_now)
+    else:
+        best.add(key, elapsed, N_DECODE * n_seq)
+
+
+@contextmanager
+def busy_process() -> Iterator[None]:
+    """One competing process that spins on a core for the duration (started and ended here, by its handle)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        import llama_cpp
-    except ImportError:
-        return None
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=N_CTX_SEQ * max(SEQS), n_batch=N_BATCH, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
-    prompt = prompt_tokens(n_vocab, N_PROMPT, seed=0)
-    best_p, best_d = float("inf"), float("inf")
-    for _ in range(repeats):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        best_p = min(best_p, time.perf_counter() - t0)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        t0 = time.perf_counter()
-        for _ in range(N_DECODE):
-            llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        best_d = min(best_d, time.perf_counter() - t0)
-    return {"prefill": N_PROMPT / best_p, "decode1": N_DECODE / best_d}
+        time.sleep(0.3)  # let it get going
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
-def table(ours: dict[str, Any], theirs: dict[str, Any] | None) -> str:
-    def cell(d: dict[str, Any] | None, key: str, fmt: str) -> str:
-        if d is None or key not in d:
-            return "n/a"
-        return format(d[key], fmt)
+def bench_model(path: Path, threads: int, repeats: int, *, unfused: bool, fast_kernels: bool,
+                reuse: bool) -> tuple[Best, Best | None]:
+    ours = Ours(path, threads, unfused=unfused, fast_kernels=fast_kernels, reuse=reuse)
+    ours1 = Ours(path, 1, unfused=unfused, fast_kernels=fast_kernels, reuse=reuse)
+    theirs = (llamacpp.LlamaCpp(path, threads, N_CTX_SEQ * max(SEQS), N_BATCH, max(SEQS))
+              if llamacpp.available() else None)
+    engines: list[tuple[Engine, Best]] = [(ours, Best())]
+    if theirs is not None:
+        engines.append((theirs, Best()))
+    try:
+        ours.reset()
+        prefill(ours, 1)  # warm-up (page cache, first allocations)
+        for _ in range(repeats):
+            for engine, best in engines:
+                engine.reset()
+                best.add("prefill", prefill(engine, 1)[1], N_PROMPT)
+                for n_seq in SEQS:
+                    run_decode(engine, n_seq, best, f"decode{n_seq}")
+            run_decode(ours1, 1, engines[0][1], "decode1_1thread")
+            if theirs is not None:
+                theirs.set_threads(1)
+                run_decode(theirs, 1, engines[1][1], "decode1_1thread")
+                theirs.set_threads(threads)
+        with busy_process():
+            for _ in range(repeats):
+                for engine, best in engines:
+                    run_decode(engine, 1, best, "decode1_contended")
+    finally:
+        ours.close()
+        ours1.close()
+        if theirs is not None:
+            theirs.close()
+    return engines[0][1], engines[1][1] if theirs is not None else None
 
-    rows = [(f"prefill, {N_PROMPT}-token prompt (tok/s)", "prefill", ".1f")]
+
+def table(ours: Best, theirs: Best | None, threads: int) -> str:
+    a, b = ours.rates(), theirs.rates() if theirs is not None else {}
+    rows: list[tuple[str, float | None, float | None]] = [
+        (f"prefill, {N_PROMPT}-token prompt (tok/s)", a.get("prefill"), b.get("prefill"))]
     for n in SEQS:
-        rows.append((f"decode, {n} seq{'s' if n > 1 else ''} x {N_DECODE} tokens (tok/s)", f"decode{n}", ".1f"))
+        rows.append((f"decode, {n} seq{'s' if n > 1 else ''} x {N_DECODE} tokens (tok/s)", a.get(f"decode{n}"),
+                     b.get(f"decode{n}")))
+    scale = (lambda r: r["decode4"] / r["decode1"] if "decode4" in r and "decode1" in r else None)
+    rows.append(("4 seqs / 1 seq decode (x)", scale(a), scale(b)))
+    rows.append((f"decode, 1 seq, {threads} threads, one busy process (tok/s)", a.get("decode1_contended"),
+                 b.get("decode1_contended")))
+    out = ["| measure | ollama-pyrunner | llama.cpp | ours / llama.cpp |", "|---|---:|---:|---:|"]
+    for label, x, y in rows:
+        ratio = f"{x / y:.2f}" if x is not None and y else "n/a"
+        out.append(f"| {label} | {_fmt(x)} | {_fmt(y)} | {ratio} |")
+    quiet1, quiet1_b = a.get("decode1_1thread"), b.get("decode1_1thread")
+    contended = a.get("decode1_contended")
+    ratio1 = f"{quiet1 / quiet1_b:.2f}" if quiet1 and quiet1_b else "n/a"
+    out.append(f"| decode, 1 seq, 1 thread (tok/s) | {_fmt(quiet1)} | {_fmt(quiet1_b)} | {ratio1} |")
+    if quiet1 and contended:
+        out.append(f"| contended {threads}-thread / 1-thread decode (x) | {contended / quiet1:.2f} | | |")
     for n in SEQS:
-        rows.append((f"cache.start_forward per step, {n} seq{'s' if n > 1 else ''} (µs)", f"start_forward{n}",
-                     ".0f"))
-    for n in SEQS:
-        rows.append((f"  of which mask building, {n} seq{'s' if n > 1 else ''} (µs)", f"mask{n}", ".0f"))
-    out = ["| measure | ollama-pyrunner | llama.cpp |", "|---|---:|---:|"]
-    for label, key, fmt in rows:
-        out.append(f"| {label} | {cell(ours, key, fmt)} | {cell(theirs, key, fmt)} |")
+        extra = ours.extra.get(f"decode{n}", {})
+        if extra:
+            out.append(f"| Python per decode step, {n} seq{'s' if n > 1 else ''} (µs): wall / CPU / cache prepare | "
+                       f"{extra['python'] * 1e6:.0f} / {extra['python_cpu'] * 1e6:.0f} / "
+                       f"{extra['prepare'] * 1e6:.0f} | | |")
+    extra = ours.extra.get("decode1", {})
+    if extra:
+        out.append(f"| graphs built in {N_DECODE} decode steps, 1 seq | {extra['built']:.0f} | | |")
+        out.append(f"| threads the governor ran the last 1-seq decode step with | {extra['threads']:.0f} | | |")
     return "\n".join(out)
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="GGUF file (default: SmolLM2-135M Q4_1)")
+    ap.add_argument("--model", type=Path, action="append", help="GGUF file (repeatable; default: SmolLM2, Gemma 3)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="runs per measure; the best is reported")
     ap.add_argument("--unfused", action="store_true", help="unfused softmax attention instead of flash_attn_ext")
     ap.add_argument("--fast-kernels", action="store_true",
                     help="ggml's batch-shape-dependent kernels (tiled/split attention, repacked weights)")
+    ap.add_argument("--no-reuse", action="store_true", help="build every step's graph (no graph reuse)")
     args = ap.parse_args(argv)
-    if not args.model.exists():
-        print(f"model not found: {args.model} (run `make models`)", file=sys.stderr)
+    models = args.model or [m for m in DEFAULT_MODELS if m.exists()]
+    missing = [m for m in models if not m.exists()]
+    if missing or not models:
+        print(f"model not found: {missing or DEFAULT_MODELS[0]} (run `make models`)", file=sys.stderr)
         return 2
-    bench = Bench(args.model, args.threads, args.unfused, args.fast_kernels)
-    try:
-        ours = bench.run(args.repeats)
-        n_vocab = bench.n_vocab
-    finally:
-        bench.close()
-    theirs = llama_cpp_bench(args.model, args.threads, args.repeats, n_vocab)
-    print(f"model: {args.model.name}, threads: {args.threads}, KV cache f16, best of {args.repeats}"
-          + ("" if theirs is not None else "; llama_cpp not importable: its column is n/a"))
-    print()
-    print(table(ours, theirs))
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, threads {args.threads}, "
+          f"KV cache f16, best of {args.repeats}" + ("" if llamacpp.available() else
+                                                      "; llama_cpp not importable: its column is n/a"))
+    for path in models:
+        ours, theirs = bench_model(path, args.threads, args.repeats, unfused=args.unfused,
+                                   fast_kernels=args.fast_kernels, reuse=not args.no_reuse)
+        print(f"\n{path.name}\n")
+        print(table(ours, theirs, args.threads))
+        sys.stdout.flush()
     return 0
 
 

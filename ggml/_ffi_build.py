@@ -235,13 +235,130 @@ int ggml_cpu_has_avx2(void);
 int ggml_cpu_has_avx512(void);
 """
 
-CDEF = CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H
+CDEF_RPC = """
+// ---- ggml-rpc.h, through the small C helpers below (they compile to 'not available' without GGML_RPC, so the
+// build against the prebuilt wheel needs nothing new from its ggml) ----
+int pyrunner_rpc_available(void);
+ggml_backend_t pyrunner_rpc_backend(const char * endpoint);
+ggml_backend_buffer_type_t pyrunner_rpc_buffer_type(const char * endpoint);
+void pyrunner_rpc_device_memory(const char * endpoint, size_t * free, size_t * total);
+int pyrunner_rpc_serve(const char * endpoint, int n_threads, bool use_ref, size_t mem_bytes);
+void pyrunner_install_abort_hook(void);
+int pyrunner_rpc_failure(char * buf, size_t size);
+"""
+
+CDEF = CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC
 
 C_SOURCE = """
 #include "ggml.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml-cpu.h"
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#ifdef PYRUNNER_RPC
+#include "ggml-rpc.h"
+#include "ggml-backend-impl.h"
+
+/* An abort inside ggml's RPC client (a remote host that died or never answered) would end the whole runner
+   with abort(). The hook records the message and parks the thread that hit it instead, so Python can notice the
+   failure (pyrunner_rpc_failure), end the requests with an error and report it in /health. Any other abort
+   keeps ggml's behaviour. */
+static char pyrunner_failure[2048];
+static volatile int pyrunner_failed = 0;
+
+static void pyrunner_abort_hook(const char * message) {
+    fprintf(stderr, "%s\\n", message);
+    fflush(stderr);
+    if (strstr(message, "ggml-rpc") == NULL) {
+        return;  /* ggml_abort goes on to abort() */
+    }
+    if (!pyrunner_failed) {
+        snprintf(pyrunner_failure, sizeof(pyrunner_failure), "%s", message);
+        __sync_synchronize();
+        pyrunner_failed = 1;
+    }
+    for (;;) {
+        pause();
+    }
+}
+
+void pyrunner_install_abort_hook(void) {
+    ggml_set_abort_callback(pyrunner_abort_hook);
+}
+
+int pyrunner_rpc_failure(char * buf, size_t size) {
+    if (!pyrunner_failed) {
+        return 0;
+    }
+    snprintf(buf, size, "%s", pyrunner_failure);
+    return 1;
+}
+
+int pyrunner_rpc_available(void) { return 1; }
+ggml_backend_t pyrunner_rpc_backend(const char * endpoint) { return ggml_backend_rpc_init(endpoint, 0); }
+ggml_backend_buffer_type_t pyrunner_rpc_buffer_type(const char * endpoint) {
+    return ggml_backend_rpc_buffer_type(endpoint, 0);
+}
+void pyrunner_rpc_device_memory(const char * endpoint, size_t * free, size_t * total) {
+    ggml_backend_rpc_get_device_memory(endpoint, 0, free, total);
+}
+
+/* The server's one device: the CPU device, except that the backends it makes use the runner's kernel choice
+   (ggml's reference kernels unless fast kernels were asked for, so a layer computes the same bits on either side
+   of the wire) and it may report a memory cap. */
+static struct ggml_backend_device pyrunner_server_dev;
+static ggml_backend_dev_t pyrunner_server_cpu;
+static bool pyrunner_server_use_ref;
+static size_t pyrunner_server_mem;
+
+static void pyrunner_server_memory(ggml_backend_dev_t dev, size_t * free, size_t * total) {
+    (void) dev;
+    pyrunner_server_cpu->iface.get_memory(pyrunner_server_cpu, free, total);
+    if (pyrunner_server_mem > 0) {
+        *total = pyrunner_server_mem;
+        *free = *free < pyrunner_server_mem ? *free : pyrunner_server_mem;
+    }
+}
+
+static ggml_backend_t pyrunner_server_init(ggml_backend_dev_t dev, const char * params) {
+    ggml_backend_t backend = pyrunner_server_cpu->iface.init_backend(pyrunner_server_cpu, params);
+    if (backend != NULL) {
+        ggml_backend_cpu_set_use_ref(backend, pyrunner_server_use_ref);
+        backend->device = dev;  /* so the memory the server reports to clients is this device's */
+    }
+    return backend;
+}
+
+int pyrunner_rpc_serve(const char * endpoint, int n_threads, bool use_ref, size_t mem_bytes) {
+    pyrunner_server_cpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    if (pyrunner_server_cpu == NULL) {
+        return -1;
+    }
+    pyrunner_server_use_ref = use_ref;
+    pyrunner_server_mem = mem_bytes;
+    pyrunner_server_dev = *pyrunner_server_cpu;
+    pyrunner_server_dev.iface.get_memory = pyrunner_server_memory;
+    pyrunner_server_dev.iface.init_backend = pyrunner_server_init;
+    ggml_backend_dev_t devices[1] = { &pyrunner_server_dev };
+    ggml_backend_rpc_start_server(endpoint, NULL, (size_t) (n_threads > 0 ? n_threads : 1), 1, devices);
+    return -2;  /* start_server only returns when it could not serve (bad endpoint, port in use, ...) */
+}
+#else
+int pyrunner_rpc_available(void) { return 0; }
+ggml_backend_t pyrunner_rpc_backend(const char * endpoint) { (void) endpoint; return NULL; }
+ggml_backend_buffer_type_t pyrunner_rpc_buffer_type(const char * endpoint) { (void) endpoint; return NULL; }
+void pyrunner_rpc_device_memory(const char * endpoint, size_t * free, size_t * total) {
+    (void) endpoint; *free = 0; *total = 0;
+}
+int pyrunner_rpc_serve(const char * endpoint, int n_threads, bool use_ref, size_t mem_bytes) {
+    (void) endpoint; (void) n_threads; (void) use_ref; (void) mem_bytes; return -1;
+}
+void pyrunner_install_abort_hook(void) {}
+int pyrunner_rpc_failure(char * buf, size_t size) { (void) buf; (void) size; return 0; }
+#endif
 """
 
 

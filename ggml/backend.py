@@ -16,6 +16,7 @@ import numpy.typing as npt
 from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
+from ggml import rpc
 from ggml._lib import CData, check, ffi, lib
 from ggml.context import GgmlContext
 from ggml.runtime import Runtime, RuntimeOptions
@@ -37,6 +38,8 @@ WidenFn = Callable[[str], Mapping[DType, DType]]
 
 
 def _free_buffers(state: dict[str, Any]) -> None:
+    if rpc.failed():
+        return  # a buffer on a dead RPC host cannot be freed: its connection thread is parked (ggml/rpc.py)
     for buf in state["buffers"]:
         lib.ggml_backend_buffer_free(buf)
     state["buffers"].clear()
@@ -207,6 +210,10 @@ class GgmlBackend:
     @property
     def closed(self) -> builtins.bool:
         return self._closed
+
+    def failure(self) -> str | None:
+        """Why a device holding part of the model (an RPC host) can no longer be used, once one has failed."""
+        return self.runtime.failure()
 
     def new_context(self, max_nodes: int = 0) -> GgmlContext:
         return GgmlContext(self.runtime, max_nodes)

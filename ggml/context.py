@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ggml import rpc
 from ggml._lib import CData, check, check_status, ffi, lib
 from ggml.tensor import GgmlTensor, new_tensor_ptr
 from ml.dtype import DType, dtype_of_numpy
@@ -21,6 +22,8 @@ DEFAULT_MAX_NODES = 8192
 
 
 def _free_context(state: dict[str, Any]) -> None:
+    if rpc.failed():
+        return  # buffers on a dead RPC host cannot be freed: the connection thread is parked (ggml/rpc.py)
     for buf in state["buffers"]:
         lib.ggml_backend_buffer_free(buf)
     state["buffers"].clear()
@@ -38,6 +41,7 @@ class GgmlContext:
         self._buft = buft if buft is not None else runtime.cpu_buft
         self._parent = parent
         self._graph: CData = None
+        self._token = object()  # names this context's graph to the runtime (Runtime.sched_user)
         if parent is not None:  # a layer view: same graph and ownership, other allocation target
             self._state: dict[str, Any] = parent._state
             self._max_nodes: int = parent._max_nodes
@@ -46,7 +50,9 @@ class GgmlContext:
         mem = self._max_nodes * lib.ggml_tensor_overhead() + lib.ggml_graph_overhead_custom(self._max_nodes, False)
         params = ffi.new("struct ggml_init_params *", {"mem_size": mem, "mem_buffer": ffi.NULL, "no_alloc": True})
         ctx = check(lib.ggml_init(params[0]), "ggml_init", f"mem_size={mem}")
-        self._state = {"ctx": ctx, "buffers": []}
+        # "inputs": (tensor, the array it was made from) per from_numpy call, in order; lets a caller that keeps the
+        # graph for later steps find and refresh its inputs.
+        self._state = {"ctx": ctx, "buffers": [], "inputs": []}
         self._finalizer = weakref.finalize(self, _free_context, self._state)
 
     # ---- plumbing for GgmlTensor ----
@@ -93,12 +99,22 @@ class GgmlContext:
         if data.nbytes != t.nbytes:
             raise GgmlError(f"from_numpy: {data.nbytes} bytes for a {target.name} tensor of {t.nbytes} bytes")
         lib.ggml_backend_tensor_set(t._ptr, ffi.from_buffer(data), 0, data.nbytes)
+        self._state["inputs"].append((t, array))
         return t
+
+    @property
+    def inputs(self) -> list[tuple[GgmlTensor, Any]]:
+        """(tensor, source array) of every `from_numpy` call so far, in call order (the array as passed)."""
+        return list(self._state["inputs"])
 
     def set(self, tensor: Tensor, array: npt.NDArray[Any]) -> None:
         """Overwrite an allocated tensor's contents (same byte size) — for reusing input tensors across steps."""
         t: GgmlTensor = tensor  # type: ignore[assignment]
-        data = _encode(np.ascontiguousarray(array), t.dtype)
+        dt = t.dtype
+        if not dt.is_quantized and dt != DType.BF16 and array.dtype == dt.numpy and array.flags.c_contiguous:
+            data = array  # the per-step path of a reused graph: no conversion, no copy
+        else:
+            data = _encode(np.ascontiguousarray(array), dt)
         if data.nbytes != t.nbytes:
             raise GgmlError(f"set: {data.nbytes} bytes for tensor {t.name!r} of {t.nbytes} bytes")
         lib.ggml_backend_tensor_set(t._ptr, ffi.from_buffer(data), 0, data.nbytes)
@@ -148,14 +164,41 @@ class GgmlContext:
         for t in tensors:
             lib.ggml_set_output(t._ptr)  # type: ignore[attr-defined]
             lib.ggml_build_forward_expand(g, t._ptr)  # type: ignore[attr-defined]
-        sched = self._rt.sched
+        rt = self._rt
+        sched = rt.sched
+        rt.sched_user = None
         lib.ggml_backend_sched_reset(sched)
         if not lib.ggml_backend_sched_alloc_graph(sched, g):
             raise GgmlError(f"ggml_backend_sched_alloc_graph failed ({lib.ggml_graph_n_nodes(g)} nodes)")
-        check_status(lib.ggml_backend_sched_graph_compute(sched, g), "ggml_backend_sched_graph_compute")
+        rt.run_graph(g)
+        rt.sched_user = self._root()._token  # this graph's allocation stays valid until another graph is computed
         for t in tensors:
             gt: GgmlTensor = t  # type: ignore[assignment]
             gt._value = gt._read()
+
+    @property
+    def allocated(self) -> bool:
+        """Whether the graph of this context's last `compute` is still the scheduler's (`recompute` can run)."""
+        root = self._root()
+        return not self.closed and root._graph is not None and self._rt.sched_user is root._token
+
+    def recompute(self, *tensors: Tensor) -> bool:
+        """Run the graph of the last `compute` again, as allocated then (inputs refreshed with `set`), and read
+        `tensors` (outputs of that `compute`). Returns False, running nothing, when the scheduler has computed
+        another graph since: the compute buffers then hold that graph, and this one must be built again.
+
+        The same nodes, kernels and inputs as a fresh graph, so the results are the same bit for bit."""
+        if not self.allocated:
+            return False
+        root = self._root()
+        rt = self._rt
+        rt.sched_user = None
+        rt.run_graph(root._graph, repeat_of=root._token)
+        rt.sched_user = root._token
+        for t in tensors:
+            gt: GgmlTensor = t  # type: ignore[assignment]
+            gt._value = gt._read()
+        return True
 
     @property
     def closed(self) -> bool:

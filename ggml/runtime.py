@@ -1,16 +1,23 @@
 """Devices, backends, the persistent CPU thread pool and the graph scheduler, owned together.
 
-Layer placement follows Ollama's flags: `n_gpu_layers` counts from the last block; `n_layer + 1` also offloads the
-output layer; `tensor_split` apportions offloaded layers between GPUs; quantized CPU weights go to the CPU_REPACK
-buffer type (ggml's repacked layouts are the fast path for mat-vec on AVX2/AVX-512).
+Layer placement follows Ollama's flags (ggml/placement.py): `n_gpu_layers` counts from the last block; `n_layer + 1`
+also offloads the output layer; `tensor_split` apportions offloaded layers between GPUs and remote (RPC) devices;
+quantized CPU weights go to the CPU_REPACK buffer type (ggml's repacked layouts are the fast path for mat-vec on
+AVX2/AVX-512).
 """
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from dataclasses import dataclass, field
 
+from ggml import rpc
 from ggml._lib import CData, check, ffi, lib
+from ggml.placement import main_first, place_layer
+from ml.errors import ModelLoadError
+from ggml._lib import CData, check, check_status, ffi, lib
+from ggml.threads import ThreadGovernor
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +42,11 @@ class RuntimeOptions:
     a Q4_K GEMM runs at a third of the tiled kernel's speed)."""
     use_repack: bool = True
     """With fast_kernels: keep Q4_0/Q4_K/IQ4_NL matmul weights in ggml's repacked CPU layout."""
+    rpc: tuple[str, ...] = ()
+    """`host:port` of ggml rpc-servers: each is one more device for layer placement (see ggml/placement.py)."""
+    adaptive_threads: bool = True
+    """Let a ThreadGovernor run repeated graphs with fewer threads while that is faster (another process taking a
+    core); `threads` stays the most it uses. Results do not depend on it."""
 
 
 @dataclass
@@ -47,6 +59,8 @@ class _Device:
 
 
 def _free_runtime(sched: CData, backends: list[CData], threadpool: CData) -> None:
+    if rpc.failed():
+        return  # freeing would wait on the parked connection thread of a dead RPC host: leave it to the exit
     if sched is not None:
         lib.ggml_backend_sched_free(sched)
     for b in backends:
@@ -56,11 +70,16 @@ def _free_runtime(sched: CData, backends: list[CData], threadpool: CData) -> Non
 
 
 class Runtime:
-    """The CPU backend (with a persistent thread pool), any GPU backends, and one scheduler over all of them."""
+    """The CPU backend (with a persistent thread pool), any GPU and RPC backends, and one scheduler over all."""
 
     def __init__(self, options: RuntimeOptions | None = None) -> None:
         self.options = opts = options or RuntimeOptions()
         self.n_layer = 0  # set by the backend that loads a model; places layers and the output layer
+        # The token of the context whose graph the scheduler allocated last: only that graph may run again
+        # without a new allocation (GgmlContext.recompute). None when no graph's allocation is known valid.
+        self.sched_user: object | None = None
+        self.compute_seconds = 0.0  # time spent inside ggml's graph compute (the benches subtract it)
+        self.compute_thread_seconds = 0.0  # CPU time of the calling thread in there (robust to a busy machine)
         self.cpu_backend = check(lib.ggml_backend_cpu_init(), "ggml_backend_cpu_init")
         params = lib.ggml_threadpool_params_default(max(1, opts.threads))
         self._threadpool = check(lib.ggml_threadpool_new(ffi.new("struct ggml_threadpool_params *", params)),
@@ -74,11 +93,43 @@ class Runtime:
         self.repack_buft = self._find_repack_buft() if use_repack else None
         self.gpus = self._init_gpus()
         self._log_ignored()
-        backends = [g.backend for g in self.gpus] + [self.cpu_backend]
+        self._failure: str | None = None
+        self.remotes = self._init_remotes()
+        self.devices = self.gpus + self.remotes  # the device indexes of placement: local GPUs, then remotes
+        backends = [d.backend for d in self.devices] + [self.cpu_backend]
         arr = ffi.new("ggml_backend_t[]", backends)
         self._sched = check(lib.ggml_backend_sched_new(arr, ffi.NULL, len(backends), GRAPH_SIZE, False, True),
                             "ggml_backend_sched_new", f"{len(backends)} backends")
         self._finalizer = weakref.finalize(self, _free_runtime, self._sched, backends, self._threadpool)
+        self._threads_now = max(1, opts.threads)
+        self.governor = (ThreadGovernor(self._threads_now)
+                         if opts.adaptive_threads and self._threads_now > 1 and not self.gpus else None)
+
+    def run_graph(self, graph: CData, repeat_of: object | None = None) -> None:
+        """Compute an allocated graph. `repeat_of` names it when it ran before (its timing then compares with
+        the last runs', and the thread governor may try another thread count on it)."""
+        n = self.governor.threads(repeat_of) if self.governor is not None else self._threads_now
+        if n != self._threads_now:
+            self._set_threads(n)
+        started, cpu_started = time.perf_counter(), time.thread_time()
+        check_status(lib.ggml_backend_sched_graph_compute(self._sched, graph), "ggml_backend_sched_graph_compute")
+        seconds = time.perf_counter() - started
+        self.compute_seconds += seconds
+        self.compute_thread_seconds += time.thread_time() - cpu_started
+        if self.governor is not None:
+            self.governor.observe(repeat_of, n, seconds)
+
+    def _set_threads(self, n: int) -> None:
+        # One thread runs without the pool: its idle workers would otherwise wake and spin at every graph.
+        # ggml pauses the pool when it is detached and resumes it at the next graph that uses it.
+        lib.ggml_backend_cpu_set_threadpool(self.cpu_backend, self._threadpool if n > 1 else ffi.NULL)
+        lib.ggml_backend_cpu_set_n_threads(self.cpu_backend, n)
+        self._threads_now = n
+
+    @property
+    def threads_now(self) -> int:
+        """Threads the last graph ran with."""
+        return self._threads_now
 
     def _find_repack_buft(self) -> CData | None:
         dev = lib.ggml_backend_dev_by_type(lib.GGML_BACKEND_DEVICE_TYPE_CPU)
@@ -106,19 +157,38 @@ class Runtime:
             backend = check(lib.ggml_backend_dev_init(dev, ffi.NULL), "ggml_backend_dev_init", name)
             gpus.append(_Device(name, ffi.string(lib.ggml_backend_dev_description(dev)).decode(), dev, backend,
                                 lib.ggml_backend_dev_buffer_type(dev)))
-        if gpus and 0 < self.options.main_gpu < len(gpus):
-            # The main GPU first: it then gets the output layer and the scheduler prefers it.
-            gpus.insert(0, gpus.pop(self.options.main_gpu))
-        return gpus
+        # The main GPU first: the scheduler prefers it and it takes the first share of the offloaded layers.
+        order = main_first([str(i) for i in range(len(gpus))], self.options.main_gpu)
+        return [gpus[int(i)] for i in order]
+
+    def _init_remotes(self) -> list[_Device]:
+        """One device per RPC endpoint, each probed first: ggml's own connect aborts the process on failure."""
+        remotes: list[_Device] = []
+        if not self.options.rpc:
+            return remotes
+        if not rpc.available():
+            raise ModelLoadError("--rpc needs ggml's RPC backend, which this build lacks (GGML_RPC=OFF)")
+        for endpoint in self.options.rpc:
+            try:
+                rpc.probe(endpoint)
+            except rpc.RpcError as e:
+                raise ModelLoadError(str(e)) from None
+        rpc.install_abort_hook()
+        for endpoint in self.options.rpc:
+            backend = check(lib.pyrunner_rpc_backend(endpoint.encode()), "ggml_backend_rpc_init", endpoint)
+            buft = check(lib.pyrunner_rpc_buffer_type(endpoint.encode()), "ggml_backend_rpc_buffer_type", endpoint)
+            remotes.append(_Device(f"RPC[{endpoint}]", endpoint, ffi.NULL, backend, buft))
+        log.info("RPC devices: %s", ", ".join(self.options.rpc))
+        return remotes
 
     def _log_ignored(self) -> None:
         opts = self.options
-        if not self.gpus:
+        if not self.gpus and not self.options.rpc:
             ignored = [f"{k}={v}" for k, v in (("n_gpu_layers", opts.n_gpu_layers), ("main_gpu", opts.main_gpu),
                                                 ("tensor_split", opts.tensor_split)) if v]
             if ignored:
                 log.info("no GPU device in this build or machine; ignoring %s", ", ".join(ignored))
-        else:
+        elif self.gpus:
             log.info("GPUs: %s", ", ".join(f"{g.name} ({g.description})" for g in self.gpus))
 
     @property
@@ -130,21 +200,23 @@ class Runtime:
         return bool(self.gpus)
 
     def device_of_layer(self, il: int, n_layer: int) -> int:
-        """GPU index for block `il` (il == n_layer means the output layer), or -1 for the CPU."""
-        n_gpu = min(self.options.n_gpu_layers, n_layer + 1) if self.gpus else 0
-        first_offloaded = n_layer + 1 - n_gpu  # counted from the end; the output layer is "block" n_layer
-        if n_gpu <= 0 or il < first_offloaded:
-            return -1
-        split = list(self.options.tensor_split[:len(self.gpus)]) or [1.0]
-        split += [0.0] * (len(self.gpus) - len(split))
-        total = sum(split) or 1.0
-        frac = (il - first_offloaded) / max(1, n_gpu)
-        acc = 0.0
-        for i, s in enumerate(split):
-            acc += s / total
-            if frac < acc:
-                return i
-        return len(split) - 1
+        """Index in `devices` for block `il` (il == n_layer means the output layer), or -1 for the CPU."""
+        return place_layer(il, n_layer, n_gpus=len(self.gpus), n_remotes=len(self.remotes),
+                           n_gpu_layers=self.options.n_gpu_layers, tensor_split=self.options.tensor_split)
+
+    def failure(self) -> str | None:
+        """Why a remote device can no longer be used (its host died or stopped answering), if one has failed."""
+        if not self.remotes:
+            return None
+        if self._failure is None:
+            reason = rpc.failure()
+            if reason is None:
+                return None
+            # ggml's message does not say which host; the ones that no longer accept a connection do.
+            dead = [d.description for d in self.remotes if not rpc.accepts(d.description)]
+            where = f"RPC endpoint {', '.join(dead)} is gone" if dead else "an RPC endpoint failed"
+            self._failure = f"{where}: {reason}"
+        return self._failure
 
     def weight_buft(self, device: int, dtype_id: int, shape: tuple[int, ...], for_matmul: bool) -> CData:
         """Buffer type for a weight: the GPU's, else CPU_REPACK for quantized matmul weights, else plain CPU.
@@ -152,7 +224,7 @@ class Runtime:
         Repacked tensors can only feed mul_mat and cannot be read back, so embeddings (get_rows) stay plain.
         """
         if device >= 0:
-            return self.gpus[device].buft
+            return self.devices[device].buft
         if (for_matmul and len(shape) == 2 and self.repack_buft is not None and dtype_id in _REPACKABLE
                 and shape[1] % 8 == 0):
             return self.repack_buft
@@ -160,7 +232,7 @@ class Runtime:
 
     def layer_buft(self, device: int) -> CData:
         """Buffer type for non-weight persistent tensors (KV cache) of a layer on `device`."""
-        return self.gpus[device].buft if device >= 0 else self.cpu_buft
+        return self.devices[device].buft if device >= 0 else self.cpu_buft
 
     def close(self) -> None:
         self._finalizer()

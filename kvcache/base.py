@@ -1,8 +1,11 @@
 """The cache interface: one part for models (put/get per layer), one for the runner (lifecycle and edits)."""
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy.typing as npt
 
 from ml.backend import Backend, Context, Tensor
 from ml.batch import Batch
@@ -10,6 +13,17 @@ from ml.dtype import DType
 
 # Re-rotates cached keys: (ctx, il, key [head_dim, n_head_kv, n], delta I32 [n]) -> rotated key (same shape).
 ShiftFn = Callable[[Context, int, Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ForwardInputs:
+    """A placed batch's cache inputs, ahead of its graph (`prepare`): the arrays `start_forward` turns into input
+    tensors (with `from_numpy`, in this order), and a key naming the graph layout they fit. Two batches of one
+    shape whose keys are equal use the same graph; only these arrays differ."""
+
+    batch: Any  # the Batch placed (compared by identity)
+    key: Hashable
+    arrays: tuple[npt.NDArray[Any], ...]
 
 
 class Cache(Protocol):

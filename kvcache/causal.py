@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from kvcache.base import ShiftFn
+from kvcache.base import ForwardInputs, ShiftFn
 from kvcache.cells import CellTable
 from kvcache.errors import CacheFullError, NotSupportedError
 from kvcache.masks import round_up
@@ -94,6 +94,8 @@ class CausalCache:
         self._mask: Tensor | None = None
         self._range = (0, 0)
         self._reserve = False
+        self._prepared: ForwardInputs | None = None
+        self._epoch = 0  # counts K/V (re)allocations: a graph built over older tensors must not run again
         self.n_defrags = 0  # how many compactions ran (diagnostics)
 
     # ---- runner side ----
@@ -107,6 +109,7 @@ class CausalCache:
             # one batch ever need to be resident.
             capacity = min(capacity, max_sequences * self.window + max_batch)
         self.close()
+        self._epoch += 1
         self.capacity = round_up(capacity, self.kv_pad)
         self.cells = CellTable(self.capacity, max_sequences)
         self.dtype = dtype
@@ -119,33 +122,52 @@ class CausalCache:
 
         With reserve=True nothing is stored, evicted or moved: the graph gets the worst-case layout (attention
         over every cell, writes of `batch.n_tokens` rows into a scratch tensor), so it can be sized or even run
-        without touching the cache's contents."""
-        cells = self._table()
-        n = batch.n_tokens
-        mask_dtype = np.float16 if self.flash else np.float32
+        without touching the cache's contents. A batch placed ahead by `prepare` is not placed again."""
+        prepared, self._prepared = self._prepared, None
         self._reserve = reserve
         if reserve:
-            idx = np.arange(n, dtype=np.int64)
+            n = batch.n_tokens
             self._range = (0, self.capacity)
-            mask = np.zeros((n, self.capacity), dtype=mask_dtype)
+            inputs = ForwardInputs(batch, (), (np.arange(n, dtype=np.int64),
+                                               np.zeros((n, self.capacity), dtype=self._mask_dtype())))
+        elif prepared is not None and prepared.batch is batch:
+            inputs = prepared
         else:
-            if n < 1:
-                raise ValueError("empty batch")
-            if self.window is not None:
-                cells = self._evict(batch, n)
-            free = cells.ordered_free_cells(batch.positions, batch.seqs)  # CacheFullError before anything moves
-            if free is None or max(cells.extent, int(free.max()) + 1) - cells.n_used - n >= self.defrag_holes:
-                # a sequence reached the top, or too many holes would stay below the extent: compaction puts
-                # every free cell above every used one
-                self.defrag()
-                free = cells.ordered_free_cells(batch.positions, batch.seqs)
-                assert free is not None
-            idx = cells.store(free, batch.positions, batch.seqs).astype(np.int64)
-            self._range = cells.kv_range(self.kv_pad)
-            mask = cells.mask(batch.positions, batch.seqs, kv_range=self._range, window=self.window,
-                              chunk=self.chunk, spans=batch.spans, dtype=mask_dtype)
+            inputs = self._place(batch)
+        idx, mask = inputs.arrays
         self._idx = ctx.from_numpy(idx)
         self._mask = ctx.from_numpy(mask)
+
+    def prepare(self, batch: Batch) -> ForwardInputs:
+        """Place the batch now (as `start_forward` would) and return its input arrays; the next `start_forward`
+        of this same batch uses them instead of placing it again. `key` names the graph layout they fit (the
+        attended cell range): a caller that kept a graph built with the same key only refreshes its inputs."""
+        self._prepared = self._place(batch)
+        return self._prepared
+
+    def _mask_dtype(self) -> type[np.float16] | type[np.float32]:
+        return np.float16 if self.flash else np.float32
+
+    def _place(self, batch: Batch) -> ForwardInputs:
+        """Evict, place (compacting first when needed), store; the write indices and the mask."""
+        cells = self._table()
+        n = batch.n_tokens
+        if n < 1:
+            raise ValueError("empty batch")
+        if self.window is not None:
+            cells = self._evict(batch, n)
+        free = cells.ordered_free_cells(batch.positions, batch.seqs)  # CacheFullError before anything moves
+        if free is None or max(cells.extent, int(free.max()) + 1) - cells.n_used - n >= self.defrag_holes:
+            # a sequence reached the top, or too many holes would stay below the extent: compaction puts
+            # every free cell above every used one
+            self.defrag()
+            free = cells.ordered_free_cells(batch.positions, batch.seqs)
+            assert free is not None
+        idx = cells.store(free, batch.positions, batch.seqs).astype(np.int64)
+        self._range = cells.kv_range(self.kv_pad)
+        mask = cells.mask(batch.positions, batch.seqs, kv_range=self._range, window=self.window,
+                          chunk=self.chunk, spans=batch.spans, dtype=self._mask_dtype())
+        return ForwardInputs(batch, (self._epoch, self._range), (idx, mask))
 
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
         """Forget seq's positions [begin, end); with a finite end the later ones move down and their keys are
@@ -189,6 +211,8 @@ class CausalCache:
         self._table().clear()
 
     def close(self) -> None:
+        self._epoch += 1
+        self._prepared = None
         if self._store is not None:
             self._store.close()
             self._store = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from kvcache.base import Cache
+from kvcache.base import Cache, ForwardInputs
 from ml.backend import Backend, Context, Tensor
 from ml.batch import Batch
 from ml.dtype import DType
@@ -29,6 +29,14 @@ class WrapperCache:
     def start_forward(self, ctx: Context, batch: Batch, reserve: bool = False) -> None:
         for c in self.caches:
             c.start_forward(ctx, batch, reserve)
+
+    def prepare(self, batch: Batch) -> ForwardInputs | None:
+        """Every member's `prepare` (None when some member has none: nothing is placed then), combined in the
+        order `start_forward` visits them."""
+        if not all(callable(getattr(c, "prepare", None)) for c in self.caches):
+            return None
+        parts = [c.prepare(batch) for c in self.caches]  # type: ignore[attr-defined]
+        return ForwardInputs(batch, tuple(p.key for p in parts), tuple(a for p in parts for a in p.arrays))
 
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
         """Applied to every member; members that can tell in advance (`check_remove`) are asked first, so a

@@ -223,6 +223,7 @@ class Decoder(Module):
     n_ctx_seq: int = field(default=0, init=False)  # context per sequence (new_cache): LongRoPE picks by it
 
     block_class: ClassVar[type[Block]] = Block
+    reusable_graphs: ClassVar[bool] = True  # the graph depends on the batch's shape and the cache layout only
 
     @classmethod
     def read_params(cls, backend: Backend) -> DecoderParams:

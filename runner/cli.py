@@ -1,6 +1,7 @@
 """`ollama-pyrunner`: the runner Ollama launches (`[runner] [--ollama-engine] --model … --port P`), the
 llama-server compatible server (`serve …`, or any invocation under the name `llama-server`), plus the
-`generate`, `embed` and `convert` tools. Reads the environment once, here, and passes everything down."""
+`generate`, `embed` and `convert` tools, and `rpc-server` (ggml's RPC server, for `--rpc`). Reads the environment
+once, here, and passes everything down."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-SUBCOMMANDS = ("generate", "embed", "convert", "serve")
+SUBCOMMANDS = ("generate", "embed", "convert", "serve", "rpc-server")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -25,13 +26,14 @@ class Loaded:
     """A model ready to run: backend, model, tokenizer."""
 
     def __init__(self, path: str, threads: int, progress: Any = None, n_gpu_layers: int = 0, main_gpu: int = 0,
-                 tensor_split: tuple[float, ...] = (), flash: bool = False, fast_kernels: bool = False) -> None:
+                 tensor_split: tuple[float, ...] = (), flash: bool = False, fast_kernels: bool = False,
+                 rpc: tuple[str, ...] = ()) -> None:
         from ggml import RuntimeOptions, load_backend
         from ml.errors import ModelLoadError
         from models import load_model, widened_types
         from models.tokenizer import tokenizer_from_metadata
         opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, main_gpu=main_gpu,
-                              tensor_split=tensor_split, flash_attention=flash, fast_kernels=fast_kernels)
+                              tensor_split=tensor_split, flash_attention=flash, fast_kernels=fast_kernels, rpc=rpc)
         self.backend = load_backend(path, opts, progress, widen=widened_types)
         try:
             self.model = load_model(self.backend)
@@ -71,13 +73,15 @@ def run_runner(argv: Sequence[str]) -> int:
     if cfg.lora:
         log.warning("LoRA adapters are not supported; ignoring %s", ", ".join(cfg.lora))
     state = RunnerState()
+    if cfg.rpc:
+        _exit_if_rpc_fails_during_load(state.ready)
 
     def load() -> None:
         try:
             def progress(p: float) -> None:
                 state.progress = p
             loaded = Loaded(cfg.model, cfg.threads, progress, cfg.n_gpu_layers, cfg.main_gpu, cfg.tensor_split,
-                            cfg.flash_attn, cfg.fast_kernels)
+                            cfg.flash_attn, cfg.fast_kernels, cfg.rpc)
             engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=cfg.ctx_size,
                             n_batch=cfg.batch_size, parallel=cfg.parallel, multiuser=cfg.multiuser_cache,
                             flash=cfg.flash_attn, kv_type=_kv_type(cfg.kv_cache_type if cfg.flash_attn else ""))
@@ -99,6 +103,20 @@ def run_runner(argv: Sequence[str]) -> int:
     app = build_app(state, cfg.dialect)
     uvicorn.run(app, host="127.0.0.1", port=cfg.port, log_level="warning", access_log=False)
     return 0
+
+
+def _exit_if_rpc_fails_during_load(loaded: threading.Event) -> None:
+    """An RPC host that dies while the weights upload parks the loading thread inside ggml (ggml/rpc.py); the
+    load then ends here, as any load failure does: the reason on stderr and exit status 1."""
+    def watch() -> None:
+        from ggml import rpc
+        while not loaded.wait(0.25):
+            reason = rpc.failure()
+            if reason is not None:
+                print(f"error loading model: an RPC device failed: {reason}", file=sys.stderr, flush=True)
+                os._exit(1)
+
+    threading.Thread(target=watch, name="rpc-load-watch", daemon=True).start()
 
 
 def _read_arg(value: str) -> str:
@@ -141,6 +159,10 @@ def run_generate(argv: Sequence[str]) -> int:
     p.add_argument("--ctx-size", type=int, default=2048)
     p.add_argument("--fast-kernels", action="store_true",
                    help="ggml's batch-shape-dependent CPU kernels: faster prefill, results depend on batching")
+    p.add_argument("--n-gpu-layers", type=int, default=0)
+    p.add_argument("--tensor-split", default="", help="shares of the layers per device, e.g. 1,1,1")
+    p.add_argument("--rpc", default=os.environ.get("OLLAMA_PYRUNNER_RPC", ""),
+                   help="ggml rpc-server endpoints host:port[,host:port...] (default: $OLLAMA_PYRUNNER_RPC)")
     p.add_argument("--format", default="",
                    help='structured output: "json" (any JSON object), @schema.json or an inline JSON schema')
     p.add_argument("--grammar", default="", help="structured output: a llama.cpp GBNF grammar, or @file.gbnf")
@@ -152,6 +174,14 @@ def run_generate(argv: Sequence[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr)
+    from runner.flags import parse_tensor_split, parse_rpc_endpoints
+    try:
+        rpc, split = parse_rpc_endpoints(args.rpc), parse_tensor_split(args.tensor_split)
+    except ValueError as e:
+        p.error(str(e))
+    loaded_flag = threading.Event()
+    if rpc:
+        _exit_if_rpc_fails_during_load(loaded_flag)
 
     shown = [-1]
 
@@ -163,7 +193,8 @@ def run_generate(argv: Sequence[str]) -> int:
         print(f"\rloading [{'#' * n}{'.' * (30 - n)}] {frac * 100:5.1f}%", end="", file=sys.stderr, flush=True)
 
     try:
-        loaded = Loaded(args.model, args.threads, bar, fast_kernels=args.fast_kernels)
+        loaded = Loaded(args.model, args.threads, bar, n_gpu_layers=args.n_gpu_layers, tensor_split=split,
+                        fast_kernels=args.fast_kernels, rpc=rpc)
     except Exception as e:
         print(f"\nerror loading model: {e}", file=sys.stderr)
         return 1
@@ -174,6 +205,7 @@ def run_generate(argv: Sequence[str]) -> int:
     except Exception as e:
         print(f"error loading model: {e}", file=sys.stderr)
         return 1
+    loaded_flag.set()
     engine.start()
     done = threading.Event()
     final: list[Event] = []
@@ -217,6 +249,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args and args[0] == "convert":
         from models.convert import main as convert_main
         return convert_main(args[1:])
+    if args and args[0] == "rpc-server":
+        from runner.rpc_server import run_rpc_server
+        return run_rpc_server(args[1:])
     if args and args[0] == "embed":
         from runner.embed_cli import run_embed
         return run_embed(args[1:])

@@ -17,9 +17,9 @@ from ml.backend import Backend
 from ml.batch import Batch
 from ml.dtype import DType
 from ml.errors import ModelLoadError
-from runner.errors import GrammarError
 from runner import images
 from runner.grammar import Constraint, GrammarCompiler
+from runner.forward import ForwardRunner
 from runner.protocol import CompletionRequest
 from runner.responses import DoneReason, Metrics
 from runner.sampling import Sampler
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 STALL_FLOOR_S = 120.0  # no forward pass is called stuck before this, however fast the tokens before it were
 STALL_FACTOR = 50.0  # ... nor before it took this many times its expected time
 MAX_FAILED_FORWARDS = 3
+FAILURE_POLL_S = 0.25  # how often the backend is asked whether a device it depends on (an RPC host) has failed
 
 
 class ComputeWatch:
@@ -138,6 +139,8 @@ class Engine:
         self.cache = model.new_cache(flash=fused, n_ctx_seq=self.n_ctx_slot) if self.can_generate else None
         if self.cache is not None:
             self.cache.init(backend, kv_type, self.parallel, self.n_ctx_slot * self.parallel, self.n_batch)
+        # Decode steps of one shape reuse the last built graph (runner/forward.py).
+        self._forward = ForwardRunner(backend, model, self.cache)
         # An input to embed gets the runner's context, and never more positions than the model was trained on
         # (bert's position table ends there).
         self.n_ctx_embed = min(n_ctx, int(getattr(model.params, "n_ctx_train", 0) or n_ctx))
@@ -151,16 +154,24 @@ class Engine:
         self.error: str | None = None
         self.watch = ComputeWatch(stall_after_s)
         self._failed_forwards = 0  # consecutive whole-batch failures; a few in a row mean the backend is broken
+        self._closed = threading.Event()
+        failure = getattr(backend, "failure", None)
+        self._backend_failure: Callable[[], str | None] | None = failure if callable(failure) else None
 
     def start(self) -> None:
         self._thread.start()
+        if self._backend_failure is not None:
+            threading.Thread(target=self._watch_backend, name="backend-watch", daemon=True).start()
 
     def close(self) -> None:
+        self._closed.set()
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        if self._thread.ident is not None:  # started
+        if self._thread.ident is not None and not self._device_failed():  # started, and not parked in ggml
             self._thread.join(timeout=10)
+        if not self._thread.is_alive():  # a step still running would use the kept graph
+            self._forward.close()
         if self.cache is not None:
             self.cache.close()
 
@@ -169,6 +180,9 @@ class Engine:
         so at most `parallel` sequences run at once and extra ones wait, as the Go runner's semaphore does.
         `grammar`: the request's constraint when the caller compiled it already (the server does, off the loop)."""
         seq = Sequence(request, sink, t_start=time.monotonic(), grammar=grammar)
+        if self._device_failed():  # the loop is parked on a dead device: answer here
+            sink(Event(done=DoneReason.STOP, error=self.error))
+            return seq
         with self._cv:
             self._incoming.append(seq)
             self._cv.notify_all()
@@ -176,6 +190,9 @@ class Engine:
 
     def submit_embedding(self, text: str, reply: Callable[[list[float] | str], None]) -> None:
         """Queue an embedding; `reply` gets the pooled (un-normalized) vector, or an error message."""
+        if self._device_failed():
+            reply(str(self.error))
+            return
         with self._cv:
             self._embeds.append((text, reply))
             self._cv.notify_all()
@@ -194,7 +211,7 @@ class Engine:
             if self.cache is not None:
                 batch = Batch.single(ids[:min(len(ids), self.n_ctx_slot)])
                 try:
-                    values = self._forward(batch)
+                    values = self._run_forward(batch)
                 finally:
                     self._kv().remove(0, 0, None)
             else:
@@ -215,6 +232,36 @@ class Engine:
     def health_error(self) -> str | None:
         """Why /health must say error: the backend failed for good, or a forward pass is stuck."""
         return self.error or self.watch.stalled()
+
+    def _device_failed(self) -> bool:
+        return self.error is not None and self._backend_failure is not None and self._backend_failure() is not None
+
+    def _watch_backend(self) -> None:
+        """A device the backend relies on failed for good (an RPC host died): the loop thread is parked inside
+        ggml and will never return, so the running and waiting requests are ended from here, and /health says
+        error from now on (the Go server then restarts the runner)."""
+        assert self._backend_failure is not None
+        while not self._closed.wait(FAILURE_POLL_S):
+            reason = self._backend_failure()
+            if reason is None:
+                continue
+            self.error = f"a device failed: {reason}"
+            log.error("%s; ending all requests", self.error)
+            with self._cv:
+                waiting = list(self._incoming)
+                self._incoming.clear()
+                embeds = list(self._embeds)
+                self._embeds.clear()
+            running = [s.seq for s in self.slots if s.seq is not None]
+            for seq in running + waiting:
+                seq.cancelled = True
+                try:
+                    seq.sink(Event(done=DoneReason.STOP, error=self.error))
+                except Exception:
+                    log.debug("could not deliver the device failure", exc_info=True)
+            for _, reply in embeds:
+                reply(self.error)
+            return
 
     # ---- the loop ----
     def _run(self) -> None:
@@ -345,7 +392,7 @@ class Engine:
         batch = images.batch(tokens, positions, np.asarray(step.slots(), dtype=np.int32),
                              np.asarray(step.outputs, dtype=np.int32), rows)
         try:
-            logits = self._forward(batch)
+            logits = self._run_forward(batch)
         except Exception as e:  # the whole pass failed: its sequences end, the runner keeps serving
             log.exception("forward pass failed")
             self._forward_failed(f"{type(e).__name__}: {e}", {c.slot for c in step.chunks})
@@ -366,17 +413,14 @@ class Engine:
                     log.warning("sequence in slot %d failed: %s", slot.id, e)
                     self._fail(slot, seq, str(e))
 
-    def _forward(self, batch: Batch) -> np.ndarray[Any, Any]:
-        """Logits [n_outputs, n_vocab] of one forward pass, timed for the stall watch."""
-        ctx = self.backend.new_context()
+    def _run_forward(self, batch: Batch) -> np.ndarray[Any, Any]:
+        """Logits [n_outputs, n_vocab] of one forward pass (a kept graph where it fits), timed for the stall
+        watch."""
         self.watch.begin(len(batch.tokens))
         try:
-            logits_t = self.model.forward(ctx, batch, self.cache)
-            ctx.forward(logits_t).compute(logits_t)
-            logits: np.ndarray[Any, Any] = logits_t.numpy().reshape(-1, self.n_vocab)
+            logits: np.ndarray[Any, Any] = self._forward.logits(batch)
         finally:
             self.watch.end()
-            ctx.close()
         self._failed_forwards = 0
         return logits
 
@@ -432,13 +476,7 @@ class Engine:
         if seq.grammar is None:
             token = seq.sampler.sample(row)
         else:
-            try:
-                token = seq.grammar.sample(seq.sampler, row)
-            except GrammarError as e:  # a dead end fails this sequence only
-                log.warning("grammar: %s", e)
-                seq.sink(Event(done=DoneReason.STOP, error=str(e)))
-                slot.seq = None
-                return
+            token = seq.grammar.sample(seq.sampler, row)  # a dead end raises GrammarError: _step ends this sequence
         seq.sampler.accept(token)
         seq.n_generated += 1
         if self.tokenizer.is_eog(token):

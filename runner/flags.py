@@ -4,7 +4,8 @@
 Unlike Go we do not exit on an unknown flag: it is returned for the caller to log (an unknown flag followed by a
 non-flag value takes that value along). The dialect comes from `--dialect`, else OLLAMA_RUNNER_DIALECT, else p3.
 OLLAMA_PYRUNNER_FAST_KERNELS=1 trades batch invariance for prefill speed (see ggml.runtime.RuntimeOptions); the Go
-server passes its environment to the runner, so it can be set where `ollama serve` starts.
+server passes its environment to the runner, so it can be set where `ollama serve` starts; so can
+OLLAMA_PYRUNNER_RPC (the `--rpc` endpoints, when the flag is not given).
 The environment is passed in; nothing here reads globals.
 """
 from __future__ import annotations
@@ -20,10 +21,11 @@ from runner.protocol import Dialect
 
 DIALECT_ENV: Final = "OLLAMA_RUNNER_DIALECT"
 FAST_KERNELS_ENV: Final = "OLLAMA_PYRUNNER_FAST_KERNELS"
+RPC_ENV: Final = "OLLAMA_PYRUNNER_RPC"
 
 _BOOL_FLAGS: Final = frozenset({"ollama-engine", "flash-attn", "multiuser-cache", "verbose", "no-mmap", "mlock"})
 _INT_FLAGS: Final = frozenset({"ctx-size", "batch-size", "n-gpu-layers", "main-gpu", "threads", "parallel", "port"})
-_STR_FLAGS: Final = frozenset({"model", "kv-cache-type", "tensor-split", "mmproj", "dialect", "lora"})
+_STR_FLAGS: Final = frozenset({"model", "kv-cache-type", "tensor-split", "mmproj", "dialect", "lora", "rpc"})
 _TRUE: Final = frozenset({"1", "t", "T", "TRUE", "true", "True"})  # strconv.ParseBool's spellings
 _FALSE: Final = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _GO_OCTAL = re.compile(r"[+-]?0[0-7_]+")
@@ -55,6 +57,7 @@ class RunnerConfig:
     dialect: Dialect = Dialect.P3
     ollama_engine: bool = False
     fast_kernels: bool = False
+    rpc: tuple[str, ...] = ()  # ggml rpc-server endpoints, host:port
 
     @property
     def n_ctx_per_seq(self) -> int:
@@ -88,7 +91,7 @@ def _parse_int(name: str, text: str) -> int:
     return value
 
 
-def _parse_split(text: str) -> tuple[float, ...]:
+def parse_tensor_split(text: str) -> tuple[float, ...]:
     if not text:
         return ()
     out = []
@@ -102,6 +105,21 @@ def _parse_split(text: str) -> tuple[float, ...]:
                              f"non-negative numbers, got {part!r}")
         out.append(value)
     return tuple(out)
+
+
+def parse_rpc_endpoints(text: str) -> tuple[str, ...]:
+    """`host:port[,host:port...]` (spaces around commas allowed; empty text = none). Raises ValueError."""
+    if not text.strip():
+        return ()
+    out: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        host, sep, port = part.rpartition(":")
+        if not sep or not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+            raise ValueError(f"invalid RPC endpoint {part!r}: expected host:port with a port in 1..65535")
+        if ":" in host:  # ggml splits an endpoint at its first colon
+            raise ValueError(f"invalid RPC endpoint {part!r}: IPv6 addresses are not supported by ggml's RPC")
+        out.append(f"{host}:{int(port)}")
+    return tuple(dict.fromkeys(out))  # one device per endpoint, even if named twice
 
 
 def _is_value(arg: str) -> bool:
@@ -152,7 +170,8 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str],
 
     Args:
         argv: the arguments, e.g. ["runner", "--ollama-engine", "--model", path, "--port", "41233"].
-        env: the environment, read for OLLAMA_RUNNER_DIALECT and OLLAMA_PYRUNNER_FAST_KERNELS only.
+        env: the environment, read for OLLAMA_RUNNER_DIALECT, OLLAMA_PYRUNNER_FAST_KERNELS and
+            OLLAMA_PYRUNNER_RPC only.
         cpu_count: default for --threads (os.cpu_count() when None).
 
     Returns:
@@ -172,16 +191,21 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str],
         source = "--dialect" if "dialect" in values else DIALECT_ENV
         raise ValueError(f"{source}: {exc}") from None
     fast_kernels = _parse_bool(env.get(FAST_KERNELS_ENV, "").strip() or "false", FAST_KERNELS_ENV)
+    rpc_text, rpc_source = (values["rpc"], "--rpc") if "rpc" in values else (env.get(RPC_ENV, ""), RPC_ENV)
+    try:
+        rpc = parse_rpc_endpoints(rpc_text)
+    except ValueError as exc:
+        raise ValueError(f"{rpc_source}: {exc}") from None
     config = RunnerConfig(
         model=values.get("model", ""), ctx_size=ints.get("ctx-size", 2048), batch_size=ints.get("batch-size", 512),
         n_gpu_layers=ints.get("n-gpu-layers", 0), main_gpu=ints.get("main-gpu", 0),
         threads=ints.get("threads", cpu_count or os.cpu_count() or 1), flash_attn=bools.get("flash-attn", False),
         kv_cache_type=values.get("kv-cache-type", ""), parallel=ints.get("parallel", 1),
-        tensor_split=_parse_split(values.get("tensor-split", "")),
+        tensor_split=parse_tensor_split(values.get("tensor-split", "")),
         multiuser_cache=bools.get("multiuser-cache", False), verbose=bools.get("verbose", False),
         no_mmap=bools.get("no-mmap", False), mlock=bools.get("mlock", False), lora=tuple(loras),
         mmproj=values.get("mmproj", ""), port=ints.get("port", 8080), dialect=dialect,
-        ollama_engine=bools.get("ollama-engine", False), fast_kernels=fast_kernels)
+        ollama_engine=bools.get("ollama-engine", False), fast_kernels=fast_kernels, rpc=rpc)
     _validate(config)
     return config, tuple(unknown)
 

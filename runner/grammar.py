@@ -207,11 +207,8 @@ class _VocabView:
         self.eos_token_id = eog[0]
         self.bos_token_id = tokenizer.bos_id
         self.special_token_ids = [i for i in range(tokenizer.n_vocab) if tokenizer.is_control(i)]
-        special = set(self.special_token_ids) - set(eog)
         tokens = [tokenizer.token_bytes(i) for i in range(tokenizer.n_vocab)]
-        for i in special:  # control tokens render as their name but are never part of constrained text
-            tokens[i] = _SPECIAL_PREFIX + tokens[i]
-        for i in eog:
+        for i in set(self.special_token_ids) | set(eog):  # they render as their name, never as constrained text
             tokens[i] = _SPECIAL_PREFIX + tokens[i]
         tokens += [b""] * (n_vocab - len(tokens))  # rows wider than the vocabulary: padding, never allowed
         self.tokens = tokens

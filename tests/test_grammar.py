@@ -142,9 +142,8 @@ def test_schema_fixtures_parse_and_match(name: str) -> None:
         "person": ('{"name": "Zoë", "age": 42, "height": 1.85, "active": false}',
                    '{"name": "Zoë", "age": 151, "height": 1.85, "active": false}'),
         "enum": ('{"color": "green", "size": "XL"}', '{"color": "pink", "size": "S"}'),
-        "array_of_objects": ('{"items": [{"id": 1, "tag": "a"}, {"id": 999, "tag": "b"}]}',
-                             '{"items": [{"id": 1, "tag": "a"}, {"id": 2, "tag": "b"}, {"id": 3, "tag": "c"}, '
-                             '{"id": 4, "tag": "d"}]}'),
+        "array_of_objects": ('{"items": [{"id": 1, "tag": "a"}, {"id": 999, "tag": "bcde"}]}',
+                             '{"items": [{"id": 1, "tag": "a"}, {"id": 2, "tag": "b"}, {"id": 3, "tag": "c"}]}'),
         "nested": ('{"user": {"name": "Ann", "address": {"city": "Oslo", "zip": "0150"}}}',
                    '{"user": {"name": "Ann"}}'),
         "pattern": ('{"code": "ABC-123", "ok": true}', '{"code": "AB-123", "ok": true}'),

@@ -13,6 +13,7 @@ from ggml import RuntimeOptions, load_backend
 from ml.batch import Batch
 from ml.dtype import DType
 from models import load_model
+from runner.forward import ForwardRunner
 
 pytestmark = pytest.mark.slow
 # One thread: on a shared machine ggml's spinning thread pool slows down many times over when cores are busy.
@@ -85,9 +86,10 @@ class Runner:
 
     def greedy(self, prompts: list[list[int]], n: int, *, flash: bool = False) -> list[list[int]]:
         """Sequence s (seq id s) starts from prompts[s]; every step decodes all of them in one batch, with outputs
-        at each sequence's last token."""
+        at each sequence's last token. Through the runner's ForwardRunner: decode steps reuse their graph."""
         cache = self.model.new_cache(flash=flash)
         cache.init(self.backend, DType.F16, len(prompts), 512, 512)
+        runner = ForwardRunner(self.backend, self.model, cache)
         try:
             toks = np.concatenate([np.asarray(p, dtype=np.int32) for p in prompts])
             pos = np.concatenate([np.arange(len(p), dtype=np.int32) for p in prompts])
@@ -96,7 +98,7 @@ class Runner:
             batch = Batch(toks, pos, seqs, outs)
             out: list[list[int]] = [[] for _ in prompts]
             for _ in range(n):
-                logits = self.step(batch, cache)
+                logits = runner.logits(batch)
                 assert logits.shape == (len(prompts), self.n_vocab)
                 nxt = np.argmax(logits, axis=1).astype(np.int32)
                 for s, t in enumerate(nxt):
@@ -104,8 +106,10 @@ class Runner:
                 pos = np.array([len(p) + len(o) - 1 for p, o in zip(prompts, out)], dtype=np.int32)
                 ids = np.arange(len(prompts), dtype=np.int32)
                 batch = Batch(nxt, pos, ids, ids)
+            assert runner.n_reused >= n - 2  # the prompt and the first decode step build; the rest reuse
             return out
         finally:
+            runner.close()
             cache.close()
 
 

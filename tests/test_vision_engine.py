@@ -20,6 +20,7 @@ import runner.engine as engine_mod
 from runner import images
 from runner.cli import Loaded
 from runner.engine import Engine
+from runner.forward import ForwardRunner
 from runner.scheduling import common_prefix_len
 from runner.protocol import CompletionRequest, ImageData
 from runner.sampling import Sampler, SamplerParams
@@ -110,13 +111,13 @@ def test_an_image_changes_the_output(loaded: Loaded, monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("n_batch", [1, 3, 6])
 def test_an_image_is_never_split(loaded: Loaded, monkeypatch: pytest.MonkeyPatch, n_batch: int) -> None:
     batches: list[Batch] = []
-    forward = Engine._forward
+    forward = ForwardRunner.logits
 
-    def recording(self: Engine, batch: Batch) -> Any:
+    def recording(self: ForwardRunner, batch: Batch) -> Any:
         batches.append(batch)
         return forward(self, batch)
 
-    monkeypatch.setattr(Engine, "_forward", recording)
+    monkeypatch.setattr(ForwardRunner, "logits", recording)
     reqs = [request("the a [img-0] the [img-1] a", {0: png(1), 1: png(2)}, n=2), request("a the a", {}, n=3)]
     for c in run(loaded, reqs, n_batch=n_batch, parallel=2):
         ok(c)
@@ -208,3 +209,29 @@ def test_masks_for_two_images(window: int | None) -> None:
     np.testing.assert_array_equal(got, _mask_ref(pos, spans, window))
     assert got[2, 5] == 0 and got[5, 2] == 0 and got[4, 7] == -np.inf and got[6, 7] == -np.inf
 
+
+
+def test_an_image_batch_never_reuses_a_text_graph(loaded: Loaded) -> None:
+    """runner.forward keeps a graph for the next batch of the same shape; one with image rows must not run it."""
+    tokens, rows = images.prompt_inputs(loaded.model, loaded.backend, loaded.tokenizer,
+                                        request("[img-0]", {0: png(4)}))
+    n = len(tokens)
+    pos, seqs, out = np.arange(n, dtype=np.int32), np.zeros(n, np.int32), np.array([n - 1], np.int32)
+    image_batch = images.batch(tokens, pos, seqs, out, rows)
+    text_batch = Batch(np.full(n, 5, np.int32), pos, seqs, out)
+
+    def logits(*batches: Batch) -> np.ndarray:
+        cache = loaded.model.new_cache(flash=True)
+        cache.init(loaded.backend, DType.F16, 2, 128, 64)
+        fr = ForwardRunner(loaded.backend, loaded.model, cache)
+        try:
+            for b in batches[:-1]:
+                fr.logits(b)
+                cache.remove(0, 0, None)
+            return np.array(fr.logits(batches[-1]))
+        finally:
+            fr.close()
+            cache.close()
+
+    np.testing.assert_array_equal(logits(text_batch, image_batch), logits(image_batch))
+    assert np.max(np.abs(logits(text_batch) - logits(image_batch))) > 1e-2

@@ -1,0 +1,127 @@
+"""A kept graph run again with refreshed inputs gives the logits of a freshly built graph, bit for bit.
+
+Two ForwardRunners over two caches of the same model take the same steps: one builds every graph, the other keeps
+the last one and only refreshes its inputs. The steps cover what makes a kept graph stale: the attended cell range
+growing past a 256-cell boundary, a sequence leaving (fewer tokens per step), a sequence joining with its prompt
+next to a decoding one (a mixed step), and a defrag between steps (another graph takes the scheduler's buffers).
+The second runner must actually reuse (else the comparison proves nothing) and rebuild at each of those points.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ggml.backend import load_backend
+from ggml.runtime import RuntimeOptions
+from ml.batch import Batch
+from ml.dtype import DType
+from models import load_model
+from runner.forward import ForwardRunner
+
+
+def _tokens(n_vocab: int, n: int, seed: int) -> list[int]:
+    g = np.random.default_rng(seed)
+    return [int(t) for t in g.integers(300, min(n_vocab, 30000) - 300, n)]
+
+
+def _batch(parts: list[tuple[list[int], int, int]]) -> Batch:
+    """(tokens, start position, sequence) parts; logits of each part's last token."""
+    toks: list[int] = []
+    pos: list[int] = []
+    seqs: list[int] = []
+    outs: list[int] = []
+    for tokens, start, seq in parts:
+        toks += tokens
+        pos += range(start, start + len(tokens))
+        seqs += [seq] * len(tokens)
+        outs.append(len(toks) - 1)
+    return Batch(np.array(toks, np.int32), np.array(pos, np.int32), np.array(seqs, np.int32),
+                 np.array(outs, np.int32))
+
+
+class Twin:
+    """One model loaded twice (a scheduler each: computing one graph drops the other's allocation), two caches:
+    `fresh` builds every graph, `kept` reuses."""
+
+    def __init__(self, path: Path) -> None:
+        self.backends = [load_backend(path, RuntimeOptions(threads=1)) for _ in range(2)]
+        models = [load_model(b) for b in self.backends]
+        self.n_vocab = int(models[0].params.n_vocab)
+        self.caches = []
+        for b, m in zip(self.backends, models):
+            c = m.new_cache(flash=True)
+            c.init(b, DType.F16, 4, 1024, 512)
+            self.caches.append(c)
+        self.fresh = ForwardRunner(self.backends[0], models[0], self.caches[0], reuse=False)
+        self.kept = ForwardRunner(self.backends[1], models[1], self.caches[1])
+        assert self.kept.reuse and not self.fresh.reuse
+        self.n_steps = 0
+
+    def step(self, parts: list[tuple[list[int], int, int]]) -> list[int]:
+        """Both runners take the step (separate Batch objects); logits must match bit for bit. Greedy tokens."""
+        a = self.fresh.logits(_batch(parts))
+        b = self.kept.logits(_batch(parts))
+        assert a.shape == b.shape == (len(parts), self.n_vocab)
+        assert np.all(np.isfinite(a))
+        diff = float(np.abs(a - b).max())
+        assert np.array_equal(a, b), f"step {self.n_steps}: kept graph's logits differ by up to {diff:.3g}"
+        self.n_steps += 1
+        return [int(t) for t in np.argmax(a, axis=1)]
+
+    def remove(self, seq: int) -> None:
+        for c in self.caches:
+            c.remove(seq, 0, None)
+
+    def defrag(self) -> list[bool]:
+        """Compact each cache (a wrapper's members one by one); whether anything moved, per cache."""
+        return [any([m.defrag() for m in getattr(c, "caches", [c])]) for c in self.caches]
+
+    def close(self) -> None:
+        self.fresh.close()
+        self.kept.close()
+        for c in self.caches:
+            c.close()
+        for b in self.backends:
+            b.close()
+
+
+@pytest.mark.parametrize("model", ["smollm2", "gemma3"])
+def test_kept_graph_matches_fresh_graph(model: str, request: pytest.FixtureRequest) -> None:
+    t = Twin(request.getfixturevalue(f"{model}_path"))
+    try:
+        p0, p1, p2 = (_tokens(t.n_vocab, n, seed) for n, seed in ((200, 0), (40, 1), (30, 2)))
+        last = t.step([(p0, 0, 0), (p1, 0, 1)])
+        n0, n1 = len(p0), len(p1)
+        built = t.kept.n_built
+        for _ in range(24):  # 240 cells + 2 per step: crosses 256 after 8 steps
+            last = t.step([([last[0]], n0, 0), ([last[1]], n1, 1)])
+            n0, n1 = n0 + 1, n1 + 1
+        assert t.kept.n_built == built + 2, "a new graph for the first decode step and at the 256-cell boundary"
+        assert t.kept.n_reused == 22
+
+        t.remove(1)  # sequence 1 leaves
+        built, reused = t.kept.n_built, t.kept.n_reused
+        for _ in range(6):
+            last = t.step([([last[0]], n0, 0)])
+            n0 += 1
+        assert (t.kept.n_built, t.kept.n_reused) == (built + 1, reused + 5)
+
+        assert t.defrag() == [True, True]  # computes its own graph: the kept one is stale
+        built = t.kept.n_built
+        last = t.step([([last[0]], n0, 0)])
+        n0 += 1
+        assert t.kept.n_built == built + 1
+
+        # Sequence 2 joins: its prompt next to sequence 0's decode step, then both decode.
+        first = t.step([([last[0]], n0, 0), (p2, 0, 2)])
+        n0, n2 = n0 + 1, len(p2)
+        last = [first[0], first[1]]
+        built, reused = t.kept.n_built, t.kept.n_reused
+        for _ in range(8):
+            last = t.step([([last[0]], n0, 0), ([last[1]], n2, 2)])
+            n0, n2 = n0 + 1, n2 + 1
+        assert (t.kept.n_built, t.kept.n_reused) == (built + 1, reused + 7)
+    finally:
+        t.close()
