@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from test_models_tiny import attention, rms_norm, silu, softmax
+from test_models_tiny import attention, rms_norm, rotate, silu, softmax
 
 
 # ---- RoPE ----------------------------------------------------------------------------------------------------------
@@ -74,21 +74,7 @@ def longrope_magnitude(n_ctx: int, n_ctx_orig: int) -> float:
     return math.sqrt(1 + math.log(scale) / math.log(n_ctx_orig)) if scale > 1.0 else 1.0
 
 
-def rope(x: np.ndarray, pos: np.ndarray, n_rot: int, inv_freq: np.ndarray, *, neox: bool,
-         magnitude: float = 1.0) -> np.ndarray:
-    """x (T, H, D): rotate pairs (NeoX: (i, i + n_rot/2); normal: (2i, 2i+1)) by pos * inv_freq, the rotated part
-    scaled by `magnitude`; dims >= n_rot pass through."""
-    half = n_rot // 2
-    theta = pos.astype(np.float64)[:, None] * inv_freq[None, :]
-    cos, sin = (np.cos(theta) * magnitude)[:, None, :], (np.sin(theta) * magnitude)[:, None, :]
-    out = x.copy()
-    if neox:
-        a, b = x[..., :half], x[..., half:n_rot]
-        out[..., :half], out[..., half:n_rot] = a * cos - b * sin, a * sin + b * cos
-    else:
-        a, b = x[..., 0:n_rot:2], x[..., 1:n_rot:2]
-        out[..., 0:n_rot:2], out[..., 1:n_rot:2] = a * cos - b * sin, a * sin + b * cos
-    return out
+rope = rotate  # (T, H, D) by pos * inv_freq, NeoX or normal pairs, scaled by a magnitude
 
 
 # ---- the forward ---------------------------------------------------------------------------------------------------

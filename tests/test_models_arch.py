@@ -25,6 +25,7 @@ from ml.batch import Batch
 from ml.dtype import DType
 from ml.errors import ModelLoadError
 from models import load_model, supported_architectures
+from test_models_tiny import greedy_decode, model_logits
 from tiny_gguf import TinySpec, llama_spec, make_weights, write_gguf
 
 TOL = 1e-4  # max |model - reference| / max |reference|, as in test_models_tiny
@@ -288,27 +289,10 @@ class Loaded:
         return c
 
     def logits(self, batch: Batch, cache: Any) -> np.ndarray:
-        ctx = self.backend.new_context()
-        try:
-            out = self.model.forward(ctx, batch, cache)
-            ctx.forward(out).compute(out)
-            return np.array(out.numpy(), dtype=np.float64).reshape(-1, self.model.params.n_vocab)
-        finally:
-            ctx.close()
+        return model_logits(self.backend, self.model, batch, cache)
 
     def greedy(self, n: int, **cache_kw: Any) -> tuple[list[int], np.ndarray]:
-        cache = self.cache(**cache_kw)
-        try:
-            batch, pos, out, rows = Batch.single(PROMPT, 0), 0, [], []
-            for _ in range(n):
-                row = self.logits(batch, cache)[-1]
-                rows.append(row)
-                out.append(int(np.argmax(row)))
-                pos += batch.n_tokens
-                batch = Batch.single([out[-1]], pos)
-            return out, np.stack(rows)
-        finally:
-            cache.close()
+        return greedy_decode(self.backend, self.model, self.cache(**cache_kw), PROMPT, n)
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:

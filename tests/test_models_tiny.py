@@ -54,12 +54,19 @@ def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
 def rope(x: np.ndarray, pos: np.ndarray, n_rot: int, base: float, *, neox: bool,
          freq_factors: np.ndarray | None = None, freq_scale: float = 1.0) -> np.ndarray:
     """x (n_tokens, n_heads, head_dim); dims >= n_rot pass through."""
-    half = n_rot // 2
-    inv = base ** (-2.0 * np.arange(half) / n_rot)
+    inv = base ** (-2.0 * np.arange(n_rot // 2) / n_rot)
     if freq_factors is not None:
         inv = inv / freq_factors
-    theta = freq_scale * pos.astype(np.float64)[:, None] * inv[None, :]
-    cos, sin = np.cos(theta)[:, None, :], np.sin(theta)[:, None, :]
+    return rotate(x, pos, n_rot, freq_scale * inv, neox=neox)
+
+
+def rotate(x: np.ndarray, pos: np.ndarray, n_rot: int, inv_freq: np.ndarray, *, neox: bool,
+           magnitude: float = 1.0) -> np.ndarray:
+    """x (T, H, D): rotate pairs (NeoX: (i, i + n_rot/2); normal: (2i, 2i+1)) by pos * inv_freq, the rotated part
+    scaled by `magnitude`; dims >= n_rot pass through."""
+    half = n_rot // 2
+    theta = pos.astype(np.float64)[:, None] * inv_freq[None, :]
+    cos, sin = (np.cos(theta) * magnitude)[:, None, :], (np.sin(theta) * magnitude)[:, None, :]
     out = x.copy()
     if neox:
         a, b = x[..., :half], x[..., half:n_rot]
@@ -253,28 +260,38 @@ class Loaded:
         return c
 
     def logits(self, batch: Batch, cache: Any) -> np.ndarray:
-        ctx = self.backend.new_context()
-        try:
-            out = self.model.forward(ctx, batch, cache)
-            ctx.forward(out).compute(out)
-            return np.array(out.numpy(), dtype=np.float64).reshape(-1, self.model.params.n_vocab)
-        finally:
-            ctx.close()
+        return model_logits(self.backend, self.model, batch, cache)
 
     def greedy(self, prompt: list[int], n: int, **cache_kw: Any) -> tuple[list[int], np.ndarray]:
         """Prompt in one batch, then one token per step; returns the tokens and every step's logits."""
-        cache = self.cache(**cache_kw)
-        try:
-            batch, pos, out, rows = Batch.single(prompt, 0), 0, [], []
-            for _ in range(n):
-                row = self.logits(batch, cache)[-1]
-                rows.append(row)
-                out.append(int(np.argmax(row)))
-                pos += batch.n_tokens
-                batch = Batch.single([out[-1]], pos)
-            return out, np.stack(rows)
-        finally:
-            cache.close()
+        return greedy_decode(self.backend, self.model, self.cache(**cache_kw), prompt, n)
+
+
+def model_logits(backend: Any, model: Any, batch: Batch, cache: Any) -> np.ndarray:
+    """The model's logits for `batch` through `cache`, as float64 [n_outputs, n_vocab]."""
+    ctx = backend.new_context()
+    try:
+        out = model.forward(ctx, batch, cache)
+        ctx.forward(out).compute(out)
+        return np.array(out.numpy(), dtype=np.float64).reshape(-1, model.params.n_vocab)
+    finally:
+        ctx.close()
+
+
+def greedy_decode(backend: Any, model: Any, cache: Any, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    """The prompt in one batch, then one greedy token per step; the tokens and every step's logits. Closes
+    `cache`."""
+    try:
+        batch, pos, out, rows = Batch.single(prompt, 0), 0, [], []
+        for _ in range(n):
+            row = model_logits(backend, model, batch, cache)[-1]
+            rows.append(row)
+            out.append(int(np.argmax(row)))
+            pos += batch.n_tokens
+            batch = Batch.single([out[-1]], pos)
+        return out, np.stack(rows)
+    finally:
+        cache.close()
 
 
 @pytest.fixture(scope="module", params=list(CASES))
