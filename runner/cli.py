@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import threading
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,6 +144,15 @@ def _format_arg(value: str) -> str | None:
     return json.dumps(schema, separators=(",", ":"))
 
 
+def prompt_with_images(prompt: str, paths: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+    """The prompt and ImageData for `generate --image`: image i is `[img-i]`; those the prompt does not mention are
+    put in front of it, one marker each, as Ollama's server prefixes a message's images. Raises OSError."""
+    from runner.protocol import ImageData
+    images = tuple(ImageData(i, Path(path).read_bytes()) for i, path in enumerate(paths))
+    missing = "".join(f"[img-{img.id}] " for img in images if f"[img-{img.id}]" not in prompt)
+    return missing + prompt, images
+
+
 def run_generate(argv: Sequence[str]) -> int:
     """Stream a completion of --prompt to stdout; counts and speed to stderr."""
     from runner.engine import Engine, Event
@@ -166,10 +176,14 @@ def run_generate(argv: Sequence[str]) -> int:
     p.add_argument("--format", default="",
                    help='structured output: "json" (any JSON object), @schema.json or an inline JSON schema')
     p.add_argument("--grammar", default="", help="structured output: a llama.cpp GBNF grammar, or @file.gbnf")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image file for a vision model (repeatable); the prompt refers to the i-th as [img-i], "
+                        "and images it does not mention go in front of it, as Ollama's server puts them")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     try:
         fmt, grammar = _format_arg(args.format), _read_arg(args.grammar)
+        prompt, images = prompt_with_images(args.prompt, args.image)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -218,7 +232,7 @@ def run_generate(argv: Sequence[str]) -> int:
             final.append(ev)
             done.set()
 
-    req = CompletionRequest(prompt=args.prompt, images=(), num_predict=args.num_predict, num_keep=0, stop=(),
+    req = CompletionRequest(prompt=prompt, images=images, num_predict=args.num_predict, num_keep=0, stop=(),
                             grammar=grammar, format=fmt,
                             sampling=SamplerParams(temperature=args.temperature,
                                                    seed=None if args.seed < 0 else args.seed))

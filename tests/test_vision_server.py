@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import io
+import subprocess
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,7 +20,7 @@ import test_vision_gemma3 as tv
 from runner.cli import Loaded
 from runner.protocol import CompletionRequest, ImageData
 from runner.sampling import SamplerParams
-from test_server_support import RunnerProcess, Stream, complete, p3_request
+from test_server_support import REPO, RunnerProcess, Stream, complete, p3_request
 from test_vision_engine import png, run
 from tiny_gguf import gemma3_spec
 
@@ -104,3 +106,25 @@ def test_bad_image_is_a_500_for_that_request_only(runner: RunnerProcess, imgs: d
         b, g = bad.result(), good.result()
     assert b.status == 500 and b.body.startswith(message), (b.status, b.body)
     assert _ok(g).final["done"] and g.final["eval_count"] == 24
+
+
+def test_generate_takes_images(model_path: Path, tmp_path: Path) -> None:
+    """`generate --image` (repeatable): images the prompt does not mention go in front of it as [img-i] markers,
+    as Ollama's server puts them; the text equals the engine's for that prompt, and other images change it."""
+    files = [tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"]
+    for f, data in zip(files, (png(1), png(2), solid(0))):
+        f.write_bytes(data)
+
+    def generate(*images: Path) -> subprocess.CompletedProcess[str]:
+        flags = [arg for f in images for arg in ("--image", str(f))]
+        return subprocess.run([sys.executable, "-m", "runner.cli", "generate", "--model", str(model_path),
+                               "--prompt", "the [img-1] a", "-n", "12", "--temperature", "1.0", "--seed", "7",
+                               "--threads", "1", *flags], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    out = generate(files[0], files[1])
+    assert out.returncode == 0 and out.stdout.endswith("\n"), out.stderr[-2000:]
+    assert out.stdout[:-1] == in_process(model_path, "[img-0] the [img-1] a", {0: png(1), 1: png(2)})
+    other = generate(files[2], files[1])
+    assert other.returncode == 0 and other.stdout != out.stdout
+    missing = generate(files[0])  # the prompt names [img-1], which was not given
+    assert missing.returncode == 1 and "invalid image index: 1" in missing.stderr
