@@ -235,3 +235,34 @@ def test_an_image_batch_never_reuses_a_text_graph(loaded: Loaded) -> None:
 
     np.testing.assert_array_equal(logits(text_batch, image_batch), logits(image_batch))
     assert np.max(np.abs(logits(text_batch) - logits(image_batch))) > 1e-2
+
+
+def test_the_same_image_reuses_the_cache_and_another_does_not(tmp_path: Path) -> None:
+    """A window wide enough to resume (the module's tiny model has 3): the same prompt and image again evaluate only
+    the last input; another image reuses exactly the inputs before its first soft token."""
+    import test_vision_gemma3 as tv
+    path = tmp_path / "gemma3-vision-wide.gguf"
+    text, tv.TEXT = tv.TEXT, gemma3_spec(image_tokens=True, window=64)
+    try:
+        write_vision_gguf(path)
+    finally:
+        tv.TEXT = text
+    m = Loaded(str(path), 1)
+    e = Engine(m.backend, m.model, m.tokenizer, n_ctx=256, n_batch=64, parallel=1)
+    e.start()
+    try:
+        prompt = "the a [img-0] the a"
+        seqs, outs = [], []
+        for img in (png(1), png(1), png(2)):
+            out = Collector()
+            seqs.append(e.submit(request(prompt, {0: img}), out))
+            assert out.done.wait(60) and out.final is not None and out.final.error is None
+            outs.append(out.text)
+        first, again, other = seqs
+        assert first.n_cached == 0
+        assert again.n_cached == again.n_prompt - 1 and outs[1] == outs[0]
+        shared = common_prefix_len(first.tokens, other.tokens)
+        assert 0 < shared < first.n_prompt - VS.tokens_per_image and other.n_cached == shared
+    finally:
+        e.close()
+        m.backend.close()
