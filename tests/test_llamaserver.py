@@ -322,3 +322,43 @@ def test_openai_embeddings_minilm(minilm: Server, shared_dir: Path) -> None:
     client = openai.OpenAI(base_url=minilm.url + "/v1", api_key="unused", max_retries=0)
     got = client.embeddings.create(model="minilm", input=texts[:2]).data
     np.testing.assert_allclose([d.embedding for d in got], [d["embedding"] for d in res["data"][:2]], rtol=1e-6)
+
+
+# ---- hostile clients (issue 10 for this front end) --------------------------------------------------------------
+
+_FUZZ_BASES: dict[str, dict[str, Any]] = {
+    "/completion": {"prompt": "Hi", "n_predict": 2, "temperature": 0},
+    "/v1/completions": {"prompt": "Hi", "max_tokens": 2, "temperature": 0},
+    "/v1/chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+    "/tokenize": {"content": "Hi"}, "/detokenize": {"tokens": [1, 2]},
+    "/apply-template": {"messages": [{"role": "user", "content": "Hi"}]},
+    "/v1/embeddings": {"input": "Hi"}, "/embedding": {"content": "Hi"},
+}
+_FUZZ_KEYS = ["prompt", "n_predict", "max_tokens", "temperature", "top_k", "top_p", "min_p", "seed", "stop", "stream",
+              "repeat_penalty", "presence_penalty", "frequency_penalty", "repeat_last_n", "grammar", "json_schema",
+              "response_format", "messages", "tokens", "content", "input", "n_keep", "cache_prompt", "n",
+              "stream_options", "chat_template_kwargs", "add_special", "with_pieces"]
+_FUZZ_VALUES: list[Any] = [None, True, 0, -1, 1.5, "", "x", [], {}, [1, "a"], {"a": 1}, 2**70, -2**63, 1e-45,
+                           3.4e38, -3.4e38, 1e39, [[1]], [{"role": 1}], "\udcff"]
+
+
+def test_hostile_bodies_never_get_a_server_error(smol: Server) -> None:
+    """Every endpoint with every field set to wrong types and extreme values (a seeded sample of the product): only
+    200, 400 or (embeddings of a model without pooling) 501; a bad grammar and a lone surrogate escape are 400."""
+    import random
+    rng = random.Random(11)
+    cases = [(path, key, value) for path in _FUZZ_BASES for key in _FUZZ_KEYS for value in _FUZZ_VALUES]
+    with smol.client() as c:
+        for path, key, value in rng.sample(cases, 500):
+            body = json.dumps({**_FUZZ_BASES[path], key: value}).encode()
+            with c.stream("POST", path, content=body, headers={"Content-Type": "application/json"}) as r:
+                for i, _ in enumerate(r.iter_lines()):
+                    if i > 8:  # an unlimited generation: hang up, as a client would
+                        break
+                allowed = {200, 400, 501} if "embedding" in path else {200, 400}
+                assert r.status_code in allowed, (path, key, value, r.status_code)
+        assert c.post("/completion", json={"prompt": "Hi", "grammar": "root ::= ("}).status_code == 400
+        lone = b'{"prompt": "Hi \\udcff", "n_predict": 1}'
+        assert c.post("/completion", content=lone).status_code == 400
+        assert c.get("/health").json() == {"status": "ok"}
+    assert smol.proc.poll() is None and "Traceback" not in smol.stderr()

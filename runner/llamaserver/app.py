@@ -23,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from runner.engine import Engine, Event
-from runner.errors import RequestError
+from runner.errors import GrammarError, RequestError
 from runner.http_common import BodyDecoder, BodyTooLarge, read_body
 from runner.llamaserver import shapes
 from runner.llamaserver.decode import Decoded, decode_completion, decode_prompt, parse_body
@@ -109,7 +109,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                 if e.status >= 500:
                     log.warning("%s: %s", path, e.message)
                 return _error(e.status, e.message, e.kind)
-            except (RequestError, TemplateError) as e:
+            except (RequestError, TemplateError, GrammarError) as e:  # llama-server: 400 invalid request
                 return _error(400, str(e))
             except Exception as e:  # a bug or an engine failure answers this request only
                 log.exception("%s failed", path)
@@ -154,6 +154,8 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
         if not tokens:
             raise HttpError(400, "the prompt is empty")
         d = decode_completion(body, prompt, tokens, state.keep, state.n_predict)
+        if d.request.grammar or d.request.format:  # a bad grammar is the request's fault: 400 before it queues
+            d = replace(d, grammar=await asyncio.to_thread(engine.grammars.compile, d.request))
         if not state.n_ctx_slot_cap:
             return d
         room = engine.n_ctx_slot - len(tokens)
@@ -181,7 +183,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             out = empty_outcome(d)
             final = shapes.completion_final("", out, model_name(d), echo, settings(d, engine))
             return _sse_once(final) if d.stream else _json(final)
-        gen = Generation(engine, d.request)
+        gen = Generation(engine, d.request, d.grammar)
         if not d.stream:
             text, ev = await _collect(gen, request)
             out = _outcome(ev)
@@ -213,7 +215,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             m = empty_outcome(d).metrics
             res = shapes.text_completion("", "length", cid, created, model, m)
             return _sse_done([res]) if d.stream else _json(res)
-        gen = Generation(engine, d.request)
+        gen = Generation(engine, d.request, d.grammar)
         if not d.stream:
             text, ev = await _collect(gen, request)
             out = _outcome(ev)
@@ -267,7 +269,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                                   {**shapes.chat_chunk({}, "length", cid, created, model),
                                    "timings": shapes.timings(out.metrics)}])
             return _json(shapes.chat_completion("", out, cid, created, model))
-        gen = Generation(engine, d.request)
+        gen = Generation(engine, d.request, d.grammar)
         if not d.stream:
             text, ev = await _collect(gen, request)
             return _json(shapes.chat_completion(text, _outcome(ev), cid, created, model))

@@ -10,11 +10,13 @@ grammar-constrained sampler lives with the engine.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from runner.errors import RequestError
+from runner.grammar import Constraint
 from runner.protocol import CompletionRequest
 from runner.sampling import SamplerParams
 
@@ -28,6 +30,10 @@ class Decoded:
     include_usage: bool  # OpenAI stream_options.include_usage
     model: str  # the request's `model` (echoed back), "" when absent
     n_predict: int  # as sent: -1 unlimited, 0 evaluates nothing and answers at once
+    grammar: Constraint | None = None  # the request's grammar/format, compiled before submission
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -40,6 +46,11 @@ def parse_body(body: bytes) -> dict[str, Any]:
         raise RequestError("the request body is not valid JSON: nesting too deep") from None
     if not isinstance(doc, dict):
         raise RequestError("the request body must be a JSON object")
+    if _SURROGATE_ESCAPE.search(body):  # a \uD800-\uDFFF escape: valid JSON, but alone it is no character
+        try:
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError("the request body is not valid JSON: a lone UTF-16 surrogate escape") from None
     return doc
 
 

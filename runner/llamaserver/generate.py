@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import Request
 
 from runner.engine import Engine, Event
+from runner.grammar import Constraint
 from runner.http_common import next_event
 from runner.protocol import CompletionRequest
 
@@ -20,14 +21,14 @@ class EngineError(RuntimeError):
 class Generation:
     """One request in flight on the engine."""
 
-    def __init__(self, engine: Engine, request: CompletionRequest) -> None:
+    def __init__(self, engine: Engine, request: CompletionRequest, grammar: Constraint | None = None) -> None:
         loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[Event] = asyncio.Queue()
 
         def sink(ev: Event) -> None:
             loop.call_soon_threadsafe(self._queue.put_nowait, ev)
 
-        self._seq = engine.submit(request, sink)
+        self._seq = engine.submit(request, sink, grammar)
 
     def cancel(self) -> None:
         self._seq.cancel()
