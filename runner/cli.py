@@ -86,8 +86,7 @@ def run_runner(argv: Sequence[str]) -> int:
             engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=cfg.ctx_size,
                             n_batch=cfg.batch_size, parallel=cfg.parallel, multiuser=cfg.multiuser_cache,
                             flash=cfg.flash_attn, kv_type=_kv_type(cfg.kv_cache_type if cfg.flash_attn else ""))
-            engine.warm_up()
-            engine.start()
+            engine.start()  # warms up first: a broken file fails here, before /health says ready
             state.engine, state.progress, state.status = engine, 1.0, ServerStatus.READY
             log.info("model loaded; serving on 127.0.0.1:%d", cfg.port)
             print(f"ready: curl -sN 127.0.0.1:{cfg.port}/completion -d "
@@ -215,12 +214,11 @@ def run_generate(argv: Sequence[str]) -> int:
     print(file=sys.stderr)
     engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=args.ctx_size, n_batch=512, parallel=1)
     try:
-        engine.warm_up()
+        engine.start()  # warms up first
     except Exception as e:
         print(f"error loading model: {e}", file=sys.stderr)
         return 1
     loaded_flag.set()
-    engine.start()
     done = threading.Event()
     final: list[Event] = []
 

@@ -29,7 +29,11 @@ def run_embed(argv: Sequence[str]) -> int:
     if not engine.can_embed:
         print("error: this model does not support embeddings", file=sys.stderr)
         return 1
-    engine.start()
+    try:
+        engine.start()  # warms up first
+    except Exception as e:
+        print(f"error loading model: {e}", file=sys.stderr)
+        return 1
     status = 0
     for text in args.texts:
         done = threading.Event()

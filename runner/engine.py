@@ -80,6 +80,15 @@ class Event:
 EventSink = Callable[[Event], None]
 
 
+def _tell_error(seq: Sequence, message: str) -> None:
+    """End `seq` for its receiver with an error. A receiver that is gone (its event loop closed) must not take the
+    loop down with it: nothing is left to tell then."""
+    try:
+        seq.sink(Event(done=DoneReason.STOP, error=message))
+    except Exception:
+        log.debug("could not deliver an error: %s", message, exc_info=True)
+
+
 @dataclass
 class Sequence:
     """One request in flight."""
@@ -159,6 +168,8 @@ class Engine:
         self._backend_failure: Callable[[], str | None] | None = failure if callable(failure) else None
 
     def start(self) -> None:
+        """Warm up (see `warm_up`), then run the batch loop. Raises ModelLoadError before anything runs."""
+        self.warm_up()
         self._thread.start()
         if self._backend_failure is not None:
             threading.Thread(target=self._watch_backend, name="backend-watch", daemon=True).start()
@@ -181,7 +192,7 @@ class Engine:
         `grammar`: the request's constraint when the caller compiled it already (the server does, off the loop)."""
         seq = Sequence(request, sink, t_start=time.monotonic(), grammar=grammar)
         if self._device_failed():  # the loop is parked on a dead device: answer here
-            sink(Event(done=DoneReason.STOP, error=self.error))
+            _tell_error(seq, str(self.error))
             return seq
         with self._cv:
             self._incoming.append(seq)
@@ -200,7 +211,7 @@ class Engine:
     def warm_up(self) -> None:
         """One short forward pass before the model is called ready, so a file whose numbers make ggml fail or
         produce NaN fails its load with a clear message instead of its first request. Leaves no trace in the
-        cache. Call before `start`.
+        cache. `start` runs it first.
 
         Raises:
             ModelLoadError: the pass failed or gave non-finite values.
@@ -215,13 +226,7 @@ class Engine:
                 finally:
                     self._kv().remove(0, 0, None)
             else:
-                ctx = self.backend.new_context()
-                try:
-                    out = self.model.embed(ctx, Batch.single(ids))
-                    ctx.forward(out).compute(out)
-                    values = out.numpy()
-                finally:
-                    ctx.close()
+                values = self._embed_tokens(ids)
         except Exception as e:
             raise ModelLoadError(f"the model failed its first forward pass: {type(e).__name__}: {e}") from e
         if not np.isfinite(values).all():
@@ -245,22 +250,18 @@ class Engine:
             reason = self._backend_failure()
             if reason is None:
                 continue
-            self.error = f"a device failed: {reason}"
-            log.error("%s; ending all requests", self.error)
+            self.error = error = f"a device failed: {reason}"
+            log.error("%s; ending all requests", error)
             with self._cv:
                 waiting = list(self._incoming)
                 self._incoming.clear()
                 embeds = list(self._embeds)
                 self._embeds.clear()
-            running = [s.seq for s in self.slots if s.seq is not None]
-            for seq in running + waiting:
+            for seq in self._active() + waiting:
                 seq.cancelled = True
-                try:
-                    seq.sink(Event(done=DoneReason.STOP, error=self.error))
-                except Exception:
-                    log.debug("could not deliver the device failure", exc_info=True)
+                _tell_error(seq, error)
             for _, reply in embeds:
-                reply(self.error)
+                reply(error)
             return
 
     # ---- the loop ----
@@ -297,7 +298,7 @@ class Engine:
                 self._place(seq)
             except Exception as e:  # a bad request fails alone
                 log.warning("request failed: %s", e)
-                seq.sink(Event(done=DoneReason.STOP, error=str(e)))
+                _tell_error(seq, str(e))
 
     def _embed_pending(self) -> None:
         """Embeddings run between generation steps, one forward each, so completions keep streaming."""
@@ -312,16 +313,21 @@ class Engine:
                     raise ValueError("the input is empty after tokenization")
                 if len(tokens) > self.n_ctx_embed:  # too long: keep the head, as llama.cpp truncates
                     tokens = tokens[:self.n_ctx_embed]
-                ctx = self.backend.new_context()
-                try:
-                    out = self.model.embed(ctx, Batch.single(tokens))
-                    ctx.forward(out).compute(out)
-                    reply([float(v) for v in out.numpy().reshape(-1)])
-                finally:
-                    ctx.close()
+                reply([float(v) for v in self._embed_tokens(tokens).reshape(-1)])
             except Exception as e:  # one bad input fails alone
                 log.warning("embedding failed: %s", e)
                 reply(f"{type(e).__name__}: {e}")
+
+    def _embed_tokens(self, tokens: list[int]) -> np.ndarray[Any, Any]:
+        """The model's pooled embedding of one sequence of tokens (one forward, no KV cache)."""
+        ctx = self.backend.new_context()
+        try:
+            out = self.model.embed(ctx, Batch.single(tokens))
+            ctx.forward(out).compute(out)
+            values: np.ndarray[Any, Any] = out.numpy()
+            return values
+        finally:
+            ctx.close()
 
     def _place(self, seq: Sequence) -> None:
         req = seq.request
@@ -448,10 +454,7 @@ class Engine:
                 self._kv().remove(slot.id, 0, None)
             except Exception:  # the cache keeps whatever it had; the empty input list never matches a prefix
                 log.exception("could not clear slot %d", slot.id)
-        try:
-            seq.sink(Event(done=DoneReason.STOP, error=message))
-        except Exception:  # the receiver is gone (e.g. its event loop closed): nothing left to tell
-            log.debug("could not deliver the error of slot %d", slot.id, exc_info=True)
+        _tell_error(seq, message)
 
     def _shift(self, slot: _Slot, keep: int, discard: int) -> None:
         """Context shift: drop inputs [keep, keep+discard) and slide the rest down (keys re-rotated)."""
@@ -485,8 +488,6 @@ class Engine:
         seq.pieces.append(self.tokenizer.token_bytes(token))
         decision = check_pending(seq.pieces, seq.stops)
         if decision.action == Action.STOP:
-            pending = b"".join(seq.pieces)
-            word = next((stop.decode("utf-8") for stop in seq.stops if stop in pending), "")
             if decision.text:
                 seq.sink(Event(text=decision.text))
             # The slot keeps only what was returned: drop the tokens of the cut/stopping pieces.
@@ -496,7 +497,7 @@ class Engine:
                 self._kv().remove(slot.id, keep, None)
                 slot.inputs = slot.inputs[:keep]
             seq.pieces = []
-            self._finish(slot, seq, DoneReason.STOP, word)
+            self._finish(slot, seq, DoneReason.STOP, decision.stop)
             return
         if decision.action == Action.SEND:
             if decision.text:

@@ -33,6 +33,7 @@ class Decision:
     text: str = ""
     n_full: int = 0
     cut: bool = False
+    stop: str = ""  # for STOP: the stop string found (the earliest; of several there, the first listed)
 
 
 def encode_stops(stops: Iterable[str]) -> tuple[bytes, ...]:
@@ -71,8 +72,17 @@ def valid_utf8_prefix(data: bytes) -> str:
 
 def find_stop(text: bytes, stops: Sequence[bytes]) -> int:
     """Byte offset of the earliest occurrence of any stop string in `text`, or -1."""
-    hits = [i for i in (text.find(s) for s in stops if s) if i >= 0]
-    return min(hits) if hits else -1
+    return first_stop(text, stops)[0]
+
+
+def first_stop(text: bytes, stops: Sequence[bytes]) -> tuple[int, bytes]:
+    """(offset, stop) of the earliest occurrence of any stop string in `text` (of several there, the first
+    listed), or (-1, b"")."""
+    hits = [(i, n, s) for n, s in enumerate(stops) if s and (i := text.find(s)) >= 0]
+    if not hits:
+        return -1, b""
+    i, _, stop = min(hits)
+    return i, stop
 
 
 def ends_with_stop_prefix(text: bytes, stops: Sequence[bytes]) -> bool:
@@ -108,10 +118,10 @@ def check_pending(pieces: Sequence[bytes], stops: Sequence[bytes]) -> Decision:
     HOLD; else SEND. Sent text is always cut to its longest valid UTF-8 prefix (Go's flush does the same).
     """
     joined = b"".join(pieces)
-    cut = find_stop(joined, stops)
+    cut, stop = first_stop(joined, stops)
     if cut >= 0:
         n_full, was_cut = split_at(pieces, cut)
-        return Decision(Action.STOP, valid_utf8_prefix(joined[:cut]), n_full, was_cut)
+        return Decision(Action.STOP, valid_utf8_prefix(joined[:cut]), n_full, was_cut, stop.decode("utf-8"))
     if ends_with_stop_prefix(joined, stops) or incomplete_utf8_tail(joined):
         return Decision(Action.HOLD)
     return Decision(Action.SEND, valid_utf8_prefix(joined))
