@@ -4,11 +4,12 @@ would hold the GIL too long), and a sequence's next event awaited while watching
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import TypeVar
 
@@ -90,6 +91,12 @@ class BodyDecoder:
             if self._pool is not None:
                 self._pool.shutdown(wait=False, cancel_futures=True)
                 self._pool = None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: object) -> AsyncIterator[None]:
+        """A starlette lifespan that stops the helper process when the app shuts down."""
+        yield
+        self.close()
 
 
 async def next_event(request: Request, queue: asyncio.Queue[Event]) -> Event | None:

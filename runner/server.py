@@ -4,7 +4,6 @@ and compute run on other threads, and request bodies are read with a size limit 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import threading
@@ -20,7 +19,7 @@ from starlette.routing import Route
 from runner.engine import Engine, Event
 from runner.errors import GrammarError, RequestError
 from runner.http_common import BodyDecoder, BodyTooLarge, next_event, read_body
-from runner.protocol import CompletionRequest, Dialect, decode_completion, decode_embedding
+from runner.protocol import Dialect, decode_completion, decode_embedding
 from runner.responses import (ERROR_HEADERS, JSON_CONTENT_TYPE, ServerStatus, encode_chunk, encode_embedding,
                               encode_final, encode_health, error_body)
 
@@ -30,11 +29,6 @@ T = TypeVar("T")
 # Bodies above this get 413 before they are parsed. Images travel base64-encoded in /completion bodies, so the
 # limit is far above any prompt; it bounds memory and parse time per request.
 MAX_BODY_BYTES = 64 << 20
-
-
-def decode_completion_body(dialect: Dialect, body: bytes) -> CompletionRequest:
-    """decode_completion with the arguments in the order a helper process can be given them."""
-    return decode_completion(body, dialect)
 
 
 @dataclass
@@ -85,7 +79,7 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
             return _error(400, "Bad request")
 
     async def completion(request: Request) -> Response:
-        req = await receive(request, functools.partial(decode_completion_body, dialect))
+        req = await receive(request, functools.partial(decode_completion, dialect=dialect))  # picklable
         if isinstance(req, Response):
             return req
         not_ready = await wait_ready()
@@ -155,11 +149,6 @@ def build_app(state: RunnerState, dialect: Dialect) -> Starlette:
 
     routes = [Route("/health", health, methods=["GET"]), Route("/completion", completion, methods=["POST"]),
               Route("/embedding", embedding, methods=["POST"])]
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        yield
-        decoders.close()
-
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=decoders.lifespan)
     app.router.redirect_slashes = False  # `/completion/` is not ours: 404, as Go's mux answers, not a 307
     return app

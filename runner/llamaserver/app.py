@@ -8,7 +8,6 @@ Request bodies over `max_body` bytes get 413. Errors are llama-server's `{"error
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -392,13 +391,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
               route("/v1/embeddings", oai_embeddings), route("/embeddings", native_embedding),
               route("/embedding", native_embedding), get("/v1/models", models, public=True),
               get("/models", models, public=True), get("/props", props)]
-
-    @contextlib.asynccontextmanager
-    async def lifespan(_: Starlette) -> AsyncIterator[None]:
-        yield
-        decoder.close()
-
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=decoder.lifespan)
 
 
 def _outcome(ev: Event) -> shapes.Outcome:
