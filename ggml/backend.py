@@ -17,6 +17,7 @@ from gguf.constants import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from ggml import rpc
+from ggml import guards
 from ggml._lib import CData, check, ffi, lib
 from ggml.context import GgmlContext
 from ggml.runtime import Runtime, RuntimeOptions
@@ -244,15 +245,12 @@ def _widened(raw: memoryview, info: TensorInfo, to: DType) -> npt.NDArray[Any]:
     return np.ascontiguousarray(values, dtype=to.numpy)
 
 
-# Types ggml stores but cannot use as weights: integers, F64, and the activation-only Q8_1 / Q8_K (no CPU
-# dot product takes them as the weight side); a file that carries one is refused before ggml aborts on it.
-_NOT_WEIGHT_TYPES = frozenset({DType.I8, DType.I16, DType.I32, DType.I64, DType.F64, DType.Q8_1, DType.Q8_K})
 _BLOCK_PREFIX = re.compile(r"^blk\.(\d+)\.")
 
 
 def _check_tensor_types(tensors: Mapping[str, TensorInfo]) -> None:
     for info in tensors.values():
-        if info.dtype in _NOT_WEIGHT_TYPES:
+        if info.dtype in guards.NOT_WEIGHT_TYPES:  # ggml aborts on them as weights
             raise ModelLoadError(f"tensor {info.name} has type {info.dtype.name}, which is not a weight type")
 
 

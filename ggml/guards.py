@@ -20,8 +20,9 @@ FLOATS = frozenset({DType.F32, DType.F16, DType.BF16})
 # (src0, src1) pairs ggml-cpu's binary ops implement (binary-ops.cpp: the result has src0's type).
 _BINARY = frozenset({(DType.F32, DType.F32), (DType.F16, DType.F16), (DType.BF16, DType.BF16),
                      (DType.BF16, DType.F32), (DType.F16, DType.F32)})
-# Types the CPU mat-mul cannot take as its weight side (no vec_dot of their own).
-_NOT_MATMUL = frozenset({DType.I8, DType.I16, DType.I32, DType.I64, DType.F64, DType.Q8_1, DType.Q8_K})
+# Types the CPU mat-mul cannot take as its weight side (no vec_dot of their own): integers, F64, and the
+# activation-only Q8_1 / Q8_K. The backend refuses files whose tensors have one of them.
+NOT_WEIGHT_TYPES = frozenset({DType.I8, DType.I16, DType.I32, DType.I64, DType.F64, DType.Q8_1, DType.Q8_K})
 
 
 def _fail(op: str, why: str) -> GgmlError:
@@ -84,7 +85,7 @@ def rope(a: DType, a_ne: Ne, pos: DType, pos_ne: Ne, n_dims: int, base: float, f
 
 def matmul(a: DType, a_ne: Ne, b: DType, b_ne: Ne, a_transposed: bool) -> None:
     # b is F32, or already the weight's own dot type (F16 x F16, BF16 x BF16); anything else aborts ggml-cpu.
-    if a in _NOT_MATMUL or not (b == DType.F32 or (b == a and a in (DType.F16, DType.BF16))):
+    if a in NOT_WEIGHT_TYPES or not (b == DType.F32 or (b == a and a in (DType.F16, DType.BF16))):
         raise _fail("mul_mat", f"unsupported types {a.name} x {b.name}")
     if a_ne[0] != b_ne[0] or b_ne[2] % a_ne[2] or b_ne[3] % a_ne[3]:
         raise _fail("mul_mat", f"shapes {list(a_ne)} and {list(b_ne)} do not multiply")
@@ -93,7 +94,7 @@ def matmul(a: DType, a_ne: Ne, b: DType, b_ne: Ne, a_transposed: bool) -> None:
 
 
 def matmul_id(a: DType, a_ne: Ne, b: DType, b_ne: Ne, ids: DType, ids_ne: Ne, a_transposed: bool) -> None:
-    if a in _NOT_MATMUL or b not in FLOATS or ids != DType.I32 or a_transposed:
+    if a in NOT_WEIGHT_TYPES or b not in FLOATS or ids != DType.I32 or a_transposed:
         raise _fail("mul_mat_id", f"unsupported operands {a.name} x {b.name} with ids {ids.name}")
     if a_ne[0] != b_ne[0] or a_ne[3] != 1 or b_ne[2] != ids_ne[1] or b_ne[3] != 1 or ids_ne[2] != 1 \
             or ids_ne[3] != 1 or ids_ne[0] % b_ne[1]:
@@ -129,7 +130,7 @@ def flash_attn(q_ne: Ne, k: DType, k_ne: Ne, v: DType, v_ne: Ne, mask: tuple[DTy
     if q_ne[0] != k_ne[0] or k_ne[1] != v_ne[1] or k_ne[2] != v_ne[2] or q_ne[2] % k_ne[2] \
             or q_ne[3] != k_ne[3] or q_ne[3] != v_ne[3]:
         raise _fail("flash_attn_ext", f"q {list(q_ne)}, k {list(k_ne)}, v {list(v_ne)} do not fit")
-    if k != v or k in _NOT_MATMUL:
+    if k != v or k in NOT_WEIGHT_TYPES:
         raise _fail("flash_attn_ext", f"K and V must share a float or quantized type, not {k.name} and {v.name}")
     if mask is not None:
         m, m_ne = mask
