@@ -94,13 +94,8 @@ def embedders(ggufs: dict[str, Path]) -> Iterator[Callable[[str], Embedder]]:
 @pytest.fixture(scope="module")
 def runner(ggufs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunnerProcess]:
     """A runner subprocess serving the f16 MiniLM, launched as Ollama launches an embedding model."""
-    r = RunnerProcess.start(ggufs["f16"], ["--threads", "1", "--parallel", "1", "--ctx-size", "2048"],
-                            tmp_path_factory.mktemp("runner-logs"), name="minilm")
-    try:
-        r.wait_ready()
-        yield r
-    finally:
-        r.stop()
+    yield from RunnerProcess.serving(ggufs["f16"], ["--threads", "1", "--parallel", "1", "--ctx-size", "2048"],
+                                     tmp_path_factory.mktemp("runner-logs"), name="minilm")
 
 
 def _cos(a: npt.ArrayLike, b: npt.ArrayLike) -> float:

@@ -34,13 +34,8 @@ PROMPT = "The capital of France is"
 @pytest.fixture(scope="module")
 def runner(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunnerProcess]:
     logs = tmp_path_factory.mktemp("fuzz-logs")
-    r = RunnerProcess.start(smollm2_path, ["--threads", "1", "--parallel", "2", "--ctx-size", "512"], logs,
-                            name="fuzz")
-    try:
-        r.wait_ready()
-        yield r
-    finally:
-        r.stop()
+    yield from RunnerProcess.serving(smollm2_path, ["--threads", "1", "--parallel", "2", "--ctx-size", "512"], logs,
+                                     name="fuzz")
 
 
 def base_body() -> dict[str, Any]:

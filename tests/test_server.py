@@ -38,12 +38,7 @@ PROMPTS = ["The capital of France is", "Once upon a time, there was a", "def fib
 
 def _start(model: Path, logdir: Path, name: str, args: list[str],
            env: dict[str, str] | None = None) -> Generator[RunnerProcess, None, None]:
-    r = RunnerProcess.start(model, ["--threads", "1", *args], logdir, env=env, name=name)
-    try:
-        r.wait_ready()
-        yield r
-    finally:
-        r.stop()
+    yield from RunnerProcess.serving(model, ["--threads", "1", *args], logdir, env=env, name=name)
 
 
 @pytest.fixture(scope="module")

@@ -39,13 +39,8 @@ def body(grammar: str = "", fmt: Any = None, **options: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def runner(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunnerProcess]:
-    r = RunnerProcess.start(smollm2_path, ["--threads", "1", "--parallel", "3", "--ctx-size", "1536"],
-                            tmp_path_factory.mktemp("grammar-logs"), name="grammar")
-    try:
-        r.wait_ready()
-        yield r
-    finally:
-        r.stop()
+    yield from RunnerProcess.serving(smollm2_path, ["--threads", "1", "--parallel", "3", "--ctx-size", "1536"],
+                                     tmp_path_factory.mktemp("grammar-logs"), name="grammar")
 
 
 def _done(s: Stream) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,17 @@ class RunnerProcess:
         with open(stderr_path, "wb") as err:
             proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.DEVNULL, stderr=err)
         return cls(proc, port, stderr_path, time.monotonic())
+
+    @classmethod
+    def serving(cls, model: Path | str, args: Sequence[str], log_dir: Path, env: Mapping[str, str] | None = None,
+                name: str = "runner") -> Iterator[RunnerProcess]:
+        """For a fixture (`yield from`): the runner, started and ready; killed afterwards."""
+        r = cls.start(model, args, log_dir, env=env, name=name)
+        try:
+            r.wait_ready()
+            yield r
+        finally:
+            r.stop()
 
     @property
     def url(self) -> str:

@@ -41,13 +41,8 @@ def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def runner(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunnerProcess]:
-    r = RunnerProcess.start(model_path, ["--threads", "1", "--parallel", "2", "--ctx-size", "256"],
-                            tmp_path_factory.mktemp("vision-logs"), name="vision")
-    try:
-        r.wait_ready()
-        yield r
-    finally:
-        r.stop()
+    yield from RunnerProcess.serving(model_path, ["--threads", "1", "--parallel", "2", "--ctx-size", "256"],
+                                     tmp_path_factory.mktemp("vision-logs"), name="vision")
 
 
 def solid(value: int) -> bytes:
