@@ -70,10 +70,11 @@ def test_gemma3_chat_markup(gemma3_path: Path) -> None:
 def test_gemma3_eog(gemma3_path: Path) -> None:
     tok = load_tokenizer(gemma3_path)
     assert (tok.bos_id, tok.eos_id) == (2, 1)
-    # only the metadata's end ids: this file has eos_token_id only (no eot/eom/eos_token_ids)
-    assert tok.eog_ids == frozenset({1})
+    # this file has eos_token_id only (no eot/eom/eos_token_ids); Ollama's gemma3 model adds eot_token_id with
+    # its default 106, `<end_of_turn>`, so a chat turn ends there without a stop string
+    assert tok.eog_ids == frozenset({1, 106})
+    assert tok.is_eog(106) and tok.token_text(106) == "<end_of_turn>"
     assert not tok.is_eog(0)
-    assert not tok.is_eog(106)  # <end_of_turn> is not in the metadata's end set; stop strings handle it
 
 
 def test_gemma3_byte_fallback(gemma3_path: Path) -> None:

@@ -192,6 +192,24 @@ def spm_meta(pieces: list[tuple[str, float, int]], **keys: object) -> dict[str, 
     return meta
 
 
+def test_gemma_end_of_turn_default() -> None:
+    """Ollama's gemma3/gemma4 add eot_token_id (default 106) to the end set; only where 106 is `<end_of_turn>`."""
+    def meta(arch: str, text: str, **keys: object) -> dict[str, object]:
+        # 3 specials + 256 bytes come first, so pad the pieces until index 106 falls among them by token text
+        m = spm_meta([], eos_token_id=1, **keys)
+        tokens = list(m["tokenizer.ggml.tokens"])  # type: ignore[call-overload]
+        tokens[106] = text
+        m["tokenizer.ggml.tokens"] = tokens
+        m["general.architecture"] = arch
+        return m
+
+    assert tokenizer_from_metadata(meta("gemma3", "<end_of_turn>")).eog_ids == frozenset({1, 106})
+    assert tokenizer_from_metadata(meta("gemma4", "<end_of_turn>")).eog_ids == frozenset({1, 106})
+    assert tokenizer_from_metadata(meta("gemma3", "<0x67>")).eog_ids == frozenset({1})  # another token at 106
+    assert tokenizer_from_metadata(meta("llama", "<end_of_turn>")).eog_ids == frozenset({1})  # other models: no
+    assert tokenizer_from_metadata(meta("gemma3", "<end_of_turn>", eot_token_id=2)).eog_ids == frozenset({1, 2})
+
+
 def test_spm_scores_space_prefix_and_byte_fallback() -> None:
     pieces = [("\u2581", -1.0, N), ("a", -1.0, N), ("b", -1.0, N), ("\u2581a", -0.5, N), ("ab", -0.1, N),
               ("\u2581ab", -5.0, N)]

@@ -1,8 +1,8 @@
 """The vocabulary shared by every tokenizer kind: token texts, types/attributes, special ids and flags.
 
 Special-id defaults follow llama.cpp per tokenizer kind where they change how text is encoded (SentencePiece BOS
-1 / UNK 0, BERT CLS 101 / UNK 100 / SEP 102). End-of-generation ids are never defaulted: only ids present in the
-metadata count, so a vocabulary without `eos_token_id` has no EOS.
+1 / UNK 0, BERT CLS 101 / UNK 100 / SEP 102). End-of-generation ids come from the metadata, with one default
+Ollama's Go models apply: Gemma 3 and 4 end a turn with `<end_of_turn>` (`eot_token_id`, 106 when absent).
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ from models.tokenizer import metadata as md
 from models.tokenizer.attrs import SPECIAL_ATTRS, apply_strip_fixups, apply_text_fixups, attrs_from_types
 
 log = logging.getLogger(__name__)
+
+# Ollama's gemma3/gemma4 models add `eot_token_id` (default 106, `<end_of_turn>`) to their end-of-generation set.
+_GEMMA_EOT_ARCHS = frozenset({"gemma3", "gemma3n", "gemma4"})
+_GEMMA_EOT = (106, "<end_of_turn>")
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,13 +122,21 @@ class Vocab:
         value = self._valid(full, md.get_int(meta, full))
         return value if value is not None else self._valid(f"default {name}", default)
 
+    def _gemma_eot(self, meta: Mapping[str, object]) -> int | None:
+        """106 for a Gemma 3/4 vocabulary whose token 106 is `<end_of_turn>` (a file's own key wins)."""
+        arch = md.get_str(meta, "general.architecture", "") or ""
+        eot_id, text = _GEMMA_EOT
+        if arch in _GEMMA_EOT_ARCHS and eot_id < len(self.tokens) and self.tokens[eot_id] == text:
+            return eot_id
+        return None
+
     def _read_ids(self, meta: Mapping[str, object], d: Defaults) -> SpecialIds:
         cls = self._read(meta, "cls_token_id")
         eos_list = md.get_int_array(meta, md.key("eos_token_ids"))
         return SpecialIds(
             bos=self._read(meta, "bos_token_id", cls if (cls is not None and d.bos_from_cls) else d.bos),
             eos=self._read(meta, "eos_token_id"),
-            eot=self._read(meta, "eot_token_id"),
+            eot=self._read(meta, "eot_token_id", self._gemma_eot(meta)),
             eom=self._read(meta, "eom_token_id"),
             unk=self._read(meta, "unknown_token_id", d.unk),
             sep=self._read(meta, "seperator_token_id", d.sep),
