@@ -16,8 +16,8 @@ from runner.errors import RequestError
 from runner.llamaserver import shapes
 from runner.llamaserver.app import ServeState, build_app
 from runner.llamaserver.decode import decode_completion, decode_prompt, parse_body
-from runner.llamaserver.flags import parse_serve_args
-from runner.llamaserver.main import invoked_as_llama_server
+from runner.llamaserver.flags import parse_serve_args, wants_help
+from runner.llamaserver.main import invoked_as_llama_server, run_serve
 from runner.llamaserver.template import ChatTemplate, TemplateError, chat_prompt, normalize_messages
 from runner.responses import DoneReason, Metrics
 
@@ -80,6 +80,16 @@ def test_flag_errors(tmp_path: Path) -> None:
     f = tmp_path / "t.jinja"
     f.write_text("{{ 'x' }}")
     assert parse_serve_args(["-m", "a", "--chat-template-file", str(f)])[0].chat_template == "{{ 'x' }}"
+
+
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert wants_help(["--help"]) and wants_help(["serve", "-h"]) and wants_help(["-m", "x", "-h"])
+    assert not wants_help(["--alias", "--help", "-m", "x"])  # the alias' value, not a request for help
+    assert run_serve(["--help"]) == 0  # no --model needed, nothing started
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llama-server --model FILE")
+    for flag in ("-m, --model VALUE", "-c, --ctx-size VALUE", "-fa, --flash-attn [on|off|auto]", "--no-webui"):
+        assert f"\n  {flag}\n" in out
 
 
 def test_argv0_detection() -> None:

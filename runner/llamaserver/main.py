@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from runner.llamaserver.flags import ServeConfig, parse_serve_args, template_kwargs
+from runner.llamaserver.flags import ServeConfig, parse_serve_args, template_kwargs, usage, wants_help
 
 log = logging.getLogger("llama-server")
 
@@ -77,6 +77,9 @@ def run_serve(argv: Sequence[str]) -> int:
 
     from runner.llamaserver.app import ServeState, build_app
 
+    if wants_help(argv):
+        print(usage("llama-server"), end="")
+        return 0
     try:
         cfg, unknown = parse_serve_args(argv)
     except (ValueError, OSError) as e:
