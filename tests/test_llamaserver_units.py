@@ -18,7 +18,9 @@ from runner.llamaserver.app import ServeState, build_app
 from runner.llamaserver.decode import decode_completion, decode_prompt, parse_body
 from runner.llamaserver.flags import parse_serve_args, wants_help
 from runner.llamaserver.main import invoked_as_llama_server, run_serve
+from runner.llamaserver.media import engine_prompt, image_url_bytes, multimodal_data
 from runner.llamaserver.template import ChatTemplate, TemplateError, chat_prompt, normalize_messages
+from runner.protocol import ImageData
 from runner.responses import DoneReason, Metrics
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
@@ -142,6 +144,10 @@ def test_template_bos_is_not_doubled(gemma3_path: Path, smollm2_path: Path, smol
     prompt, ids = chat_prompt(text, t, tok)
     assert prompt == "" and ids is not None and ids[0] == 2 and ids.count(2) == 1
     assert list(ids) == tok.encode(text, add_special=False)
+    # with images the text goes to the engine, which adds the BOS itself while laying the images out
+    media_prompt, none = chat_prompt(text, t, tok, with_media=True)
+    assert none is None and media_prompt == text.removeprefix("<bos>")
+    assert tok.encode(media_prompt, add_special=True) == list(ids)
     # SmolLM2's BOS is <|im_start|>, which its prompts start with, but it adds no BOS: the text goes as it is
     smol = CONVERSATIONS[0][1]
     assert chat_prompt(smol, smol_template, load_tokenizer(smollm2_path)) == (smol, None)
@@ -171,7 +177,8 @@ def test_prompt_shapes() -> None:
     assert decode_prompt([5, "a"], tok) == ("", (5, 11))
     assert decode_prompt({"prompt_string": "x"}, tok) == ("x", None)
     assert decode_prompt([[4, 5]], tok) == ("", (4, 5))
-    for bad in [["a", "b"], [100], [-1], [1.5], [], None, 3, {"prompt_string": "x", "multimodal_data": ["AA=="]}]:
+    assert decode_prompt({"prompt_string": "x <__media__>", "multimodal_data": ["AA=="]}, tok) == ("x <__media__>", None)
+    for bad in [["a", "b"], [100], [-1], [1.5], [], None, 3]:
         with pytest.raises(RequestError):
             decode_prompt(bad, tok)
 
@@ -199,12 +206,44 @@ def test_completion_fields() -> None:
     assert decode_completion({"response_format": {"type": "text"}}, "", None).request.format is None
     for bad in [{"temperature": "hot"}, {"n_predict": 1.5}, {"stream": 1}, {"stop": [1]}, {"json_schema": "x"},
                 {"response_format": {"type": "xml"}}, {"response_format": {"type": "json_schema"}}, {"seed": True},
-                {"n": 2}, {"n_cmpl": 3}, {"multimodal_data": ["AA=="]}]:
+                {"n": 2}, {"n_cmpl": 3}]:
         with pytest.raises(RequestError):
             decode_completion(bad, "", None)
     for body in [b"", b"[1]", b"{", b"\xff"]:
         with pytest.raises(RequestError):
             parse_body(body)
+
+
+def test_media() -> None:
+    """llama-server's multimodal_data and OpenAI image_url parts, down to the engine's [img-N] form."""
+    assert multimodal_data({"prompt_string": "a", "multimodal_data": ["aGk=", "AA\n=="]}, {}) == (b"hi", b"\0")
+    assert multimodal_data("a", {"multimodal_data": ["aGk="]}) == (b"hi",)
+    assert multimodal_data("a", {}) == () and multimodal_data({"prompt_string": "a"}, {}) == ()
+    for prompt, doc, message in [({"multimodal_data": ["aGk="]}, {"multimodal_data": ["aGk="]}, "given twice"),
+                                 ("a", {"multimodal_data": "aGk="}, "must be an array"),
+                                 ("a", {"multimodal_data": [""]}, r"multimodal_data\[0\] must be a non-empty"),
+                                 ("a", {"multimodal_data": ["aGk=", "a?=="]}, r"multimodal_data\[1\] is not valid")]:
+        with pytest.raises(RequestError, match=message):
+            multimodal_data(prompt, doc)
+    assert image_url_bytes({"image_url": {"url": "data:image/png;base64,aGk="}}, "p") == b"hi"
+    assert image_url_bytes({"image_url": "DATA:image/jpeg;BASE64,aGk="}, "p") == b"hi"
+    for url, message in [("http://x/a.png", "not fetched"), ("file:///etc/passwd", "not fetched"),
+                         ("aGk=", "must be a data:image"), ("data:text/plain;base64,aGk=", "not an image"),
+                         ("data:image/png,aGk=", "must be base64"), ("", "needs a 'url'")]:
+        with pytest.raises(RequestError, match=message):
+            image_url_bytes({"image_url": {"url": url}}, "p")
+    text, files = engine_prompt("a <__media__> b <__media__>", [b"x", b"y"])
+    assert text == "a [img-0] b [img-1]" and files == (ImageData(0, b"x"), ImageData(1, b"y"))
+    assert engine_prompt("<__media__><__media__>", [b"x", b"y"])[0] == "[img-0][img-1]"
+    for prompt, n, message in [("a", 1, "0 <__media__> marker"), ("<__media__>", 0, "1 <__media__> marker"),
+                               ("[img-0] <__media__>", 1, "may not contain")]:
+        with pytest.raises(RequestError, match=message):
+            engine_prompt(prompt, [b"x"] * n)
+    media: list[bytes] = []
+    msgs = normalize_messages([{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}]}],
+        media)
+    assert msgs[0]["content"] == "a\n<__media__>" and media == [b"hi"]
 
 
 # ---- response shapes ------------------------------------------------------------------------------------------
