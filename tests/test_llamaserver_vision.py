@@ -121,6 +121,21 @@ def test_image_url_through_the_openai_client(server: Server, model_path: Path) -
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want
 
 
+def test_image_tokens_count_against_the_slot(server: Server) -> None:
+    """Without --context-shift a prompt that fills its slot (256 here) is a 400 before it queues: the image's soft
+    tokens count, so a text that fits alone does not fit with an image after it."""
+    with server.client() as c:
+        k, n = 1, 0
+        while n < 250:  # the longest run of words whose prompt (with BOS) fits with a few tokens to spare
+            k += 1
+            n = len(c.post("/tokenize", json={"content": "the " * k, "add_special": True}).json()["tokens"])
+        text = "the " * (k - 1)
+        assert _completion(c, {"prompt": text, "n_predict": 1})["timings"]["prompt_n"] < 256 - tv.VS.tokens_per_image
+        r = c.post("/completion", json={**PARAMS, "prompt": {"prompt_string": text + "<__media__>",
+                                                             "multimodal_data": [b64(png(1))]}})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "exceed_context_size_error", r.content
+
+
 @pytest.mark.parametrize("path,body,message", [
     ("/completion", {"prompt": {"prompt_string": "<__media__> a", "multimodal_data": ["not base64!"]}},
      "multimodal_data[0] is not valid base64"),
