@@ -22,6 +22,7 @@ from runner.llamaserver.media import engine_prompt, image_url_bytes, multimodal_
 from runner.llamaserver.template import ChatTemplate, TemplateError, chat_prompt, normalize_messages
 from runner.protocol import ImageData
 from runner.responses import DoneReason, Metrics
+from runner.sampling import TokenProbs
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 # two conversations rendered by hand from the ChatML convention SmolLM2's template implements
@@ -212,6 +213,36 @@ def test_completion_fields() -> None:
     for body in [b"", b"[1]", b"{", b"\xff"]:
         with pytest.raises(RequestError):
             parse_body(body)
+
+
+def test_probability_fields() -> None:
+    def n_probs(doc: dict[str, Any]) -> int:
+        return decode_completion(doc, "p", None).request.n_probs
+    assert n_probs({}) == 0 and n_probs({"n_probs": 5}) == 5
+    assert n_probs({"logprobs": True}) == 20 and n_probs({"logprobs": True, "top_logprobs": 2}) == 2  # llama-server
+    assert n_probs({"logprobs": False}) == 0 and n_probs({"logprobs": 3}) == 3  # the legacy /v1/completions int
+    assert n_probs({"n_probs": 100}) == 100 and not decode_completion({}, "p", None).return_tokens
+    assert decode_completion({"return_tokens": True}, "p", None).return_tokens
+    for bad, message in [({"top_logprobs": 2}, "requires logprobs"), ({"logprobs": False, "top_logprobs": 2},
+                          "requires logprobs"), ({"n_probs": 101}, "0..100"), ({"n_probs": -1}, "0..100"),
+                         ({"logprobs": "yes"}, "wrong type"), ({"n_probs": 2, "post_sampling_probs": True},
+                                                               "post_sampling_probs is not supported")]:
+        with pytest.raises(RequestError, match=message):
+            decode_completion(bad, "p", None)
+
+
+def test_probability_shapes() -> None:
+    probs = (TokenProbs(5, -0.25, ((5, -0.25), (7, -1.5))), TokenProbs(9, -2.0, ((8, -0.5),)))
+    pieces = {5: b" Pa", 7: b"\xc3", 8: b"ris", 9: b"!"}
+    got = shapes.token_probs(probs, pieces.__getitem__)
+    assert got[0] == {"id": 5, "token": " Pa", "bytes": [32, 80, 97], "logprob": -0.25, "top_logprobs": [
+        {"id": 5, "token": " Pa", "bytes": [32, 80, 97], "logprob": -0.25},
+        {"id": 7, "token": "\ufffd", "bytes": [195], "logprob": -1.5}]}
+    assert got[1]["top_logprobs"] == [{"id": 8, "token": "ris", "bytes": [114, 105, 115], "logprob": -0.5}]
+    partial = shapes.completion_partial(" Pa", 1, 5, (5,), got[:1])
+    assert list(partial)[:4] == ["index", "content", "tokens", "stop"] and partial["tokens"] == [5]
+    assert partial["completion_probabilities"] == got[:1]
+    assert "completion_probabilities" not in shapes.completion_partial("x", 1, 5, (5,))
 
 
 def test_media() -> None:

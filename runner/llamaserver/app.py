@@ -27,11 +27,12 @@ from runner.errors import GrammarError, RequestError
 from runner.http_common import BodyDecoder, BodyTooLarge, read_body
 from runner.llamaserver import shapes
 from runner.llamaserver.decode import Decoded, decode_completion, decode_prompt, parse_body
-from runner.llamaserver.generate import EngineError, Generation, collect
-from runner.llamaserver.media import NO_VISION, engine_prompt, multimodal_data
+from runner.llamaserver.generate import Collected, EngineError, Generation, collect
+from runner.llamaserver.media import MEDIA_MARKER, NO_VISION, engine_prompt, multimodal_data
 from runner.llamaserver.template import RESERVED, ChatTemplate, TemplateError, chat_prompt, normalize_messages
 from runner.protocol import ImageData
 from runner.responses import DoneReason, Metrics
+from runner.sampling import TokenProbs
 
 log = logging.getLogger(__name__)
 MAX_BODY = 32 << 20  # llama-server has no limit; ours keeps a stray upload from filling memory
@@ -185,6 +186,10 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             return d
         return replace(d, request=replace(d.request, num_predict=room))
 
+    def probs(d: Decoded, engine: Engine, got: tuple[TokenProbs, ...]) -> list[dict[str, Any]] | None:
+        """The reported probabilities, when the request asked for them (n_probs / logprobs)."""
+        return shapes.token_probs(got, engine.tokenizer.token_bytes) if d.request.n_probs > 0 else None
+
     def model_name(d: Decoded) -> str:
         return d.model or state.model_name
 
@@ -205,9 +210,10 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             return _sse_once(final) if d.stream else _json(final)
         gen = Generation(engine, d.request, d.grammar)
         if not d.stream:
-            text, ev = await _collect(gen, request)
-            out = _outcome(ev)
-            return _json(shapes.completion_final(text, out, model_name(d), echo, settings(d, engine)))
+            got = await _collect(gen, request)
+            return _json(shapes.completion_final(got.text, _outcome(got.final), model_name(d), echo,
+                                                 settings(d, engine), got.tokens if d.return_tokens else (),
+                                                 probs(d, engine, got.probs)))
         first = await _first(gen, request)
         n_prompt = gen.n_prompt
 
@@ -218,8 +224,9 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                     yield shapes.sse(shapes.error_object(500, ev.error))
                     return
                 if ev.text:
-                    n += 1
-                    yield shapes.sse(shapes.completion_partial(ev.text, n, n_prompt))
+                    n += len(ev.tokens)
+                    yield shapes.sse(shapes.completion_partial(ev.text, n, n_prompt, ev.tokens,
+                                                               probs(d, engine, ev.probs)))
                 if ev.done is not None:
                     yield shapes.sse(shapes.completion_final("", _outcome(ev), model_name(d), echo,
                                                              settings(d, engine)))
@@ -237,9 +244,10 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             return _sse_done([res]) if d.stream else _json(res)
         gen = Generation(engine, d.request, d.grammar)
         if not d.stream:
-            text, ev = await _collect(gen, request)
-            out = _outcome(ev)
-            return _json(shapes.text_completion(text, out.finish_reason, cid, created, model, out.metrics))
+            got = await _collect(gen, request)
+            out = _outcome(got.final)
+            return _json(shapes.text_completion(got.text, out.finish_reason, cid, created, model, out.metrics,
+                                                probs(d, engine, got.probs)))
         first = await _first(gen, request)
 
         async def stream() -> AsyncIterator[bytes]:
@@ -248,7 +256,8 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                     yield shapes.sse(shapes.error_object(500, ev.error))
                     return
                 if ev.text:
-                    yield shapes.sse(shapes.text_completion(ev.text, None, cid, created, model, None))
+                    yield shapes.sse(shapes.text_completion(ev.text, None, cid, created, model, None,
+                                                            probs(d, engine, ev.probs)))
                 if ev.done is not None:
                     out = _outcome(ev)
                     yield shapes.sse(shapes.text_completion("", out.finish_reason, cid, created, model, out.metrics))
@@ -295,8 +304,9 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             return _json(shapes.chat_completion("", out, cid, created, model))
         gen = Generation(engine, d.request, d.grammar)
         if not d.stream:
-            text, ev = await _collect(gen, request)
-            return _json(shapes.chat_completion(text, _outcome(ev), cid, created, model))
+            got = await _collect(gen, request)
+            return _json(shapes.chat_completion(got.text, _outcome(got.final), cid, created, model,
+                                                probs(d, engine, got.probs)))
         first = await _first(gen, request)
 
         async def stream() -> AsyncIterator[bytes]:
@@ -306,7 +316,8 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                     yield shapes.sse(shapes.error_object(500, ev.error))
                     return
                 if ev.text:
-                    yield shapes.sse(shapes.chat_chunk({"content": ev.text}, None, cid, created, model))
+                    yield shapes.sse(shapes.chat_chunk({"content": ev.text}, None, cid, created, model,
+                                                       probs(d, engine, ev.probs)))
                 if ev.done is not None:
                     out = _outcome(ev)
                     last = shapes.chat_chunk({}, out.finish_reason, cid, created, model)
@@ -406,6 +417,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                       "total_slots": engine.parallel, "model_path": state.model_path,
                       "chat_template": state.template.source if state.template is not None else "",
                       "modalities": {"vision": images.can_see(engine.model), "audio": False},
+                      "media_marker": MEDIA_MARKER,  # newer llama-server clients read the marker from here
                       "build_info": shapes.SYSTEM_FINGERPRINT})
 
     routes = [Route("/health", health, methods=["GET"]), Route("/v1/health", health, methods=["GET"]),
@@ -434,7 +446,7 @@ async def _first(gen: Generation, request: Request) -> Event:
     return ev
 
 
-async def _collect(gen: Generation, request: Request) -> tuple[str, Event]:
+async def _collect(gen: Generation, request: Request) -> Collected:
     try:
         got = await collect(gen, request)
     except EngineError as e:
