@@ -27,8 +27,10 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q cmake ninja
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q cmake ninja 'scikit-build-core>=0.10' 'cffi>=1.17'
+	# Editable, without the wheel's CMake run: the `build` target compiles ggml once, incrementally, into build/
+	# and the module into ggml/ (a plain `pip install -e .` would compile it a second time, in a temporary dir).
+	$(BIN)/pip install -q --no-build-isolation -C wheel.cmake=false -e '.[dev]'
 	touch $@
 
 venv: $(VENV)/.installed

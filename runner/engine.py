@@ -22,7 +22,7 @@ from runner.grammar import Constraint, GrammarCompiler
 from runner.forward import ForwardRunner
 from runner.protocol import CompletionRequest
 from runner.responses import DoneReason, Metrics
-from runner.sampling import Sampler
+from runner.sampling import Sampler, TokenProbs, token_probs
 from runner.scheduling import SeqState, SlotState, choose_slot, effective_num_keep, schedule, truncate_prompt
 from runner.text import Action, check_pending, encode_stops, flush_pending
 
@@ -75,6 +75,8 @@ class Event:
     metrics: Metrics | None = None
     error: str | None = None
     stop_word: str = ""  # the stop string that ended the sequence, if one did
+    tokens: tuple[int, ...] = ()  # the generated tokens whose text this event carries (whole pieces)
+    probs: tuple[TokenProbs, ...] = ()  # their probabilities, when the request asked for n_probs
 
 
 EventSink = Callable[[Event], None]
@@ -104,6 +106,8 @@ class Sequence:
     grammar: Constraint | None = None  # the request's grammar/format, if any (compiled before or in _place)
     stops: tuple[bytes, ...] = ()
     pieces: list[bytes] = field(default_factory=list)  # generated text not yet sent
+    piece_tokens: list[int] = field(default_factory=list)  # the tokens of `pieces`
+    piece_probs: list[TokenProbs] = field(default_factory=list)  # and their probabilities (n_probs > 0)
     n_generated: int = 0
     cancelled: bool = False
     t_start: float = 0.0
@@ -486,33 +490,42 @@ class Engine:
             self._finish(slot, seq, DoneReason.STOP)
             return
         seq.pieces.append(self.tokenizer.token_bytes(token))
+        seq.piece_tokens.append(token)
+        if seq.request.n_probs > 0:  # from the same row the sampler saw
+            seq.piece_probs.append(token_probs(row, token, seq.request.n_probs))
         decision = check_pending(seq.pieces, seq.stops)
         if decision.action == Action.STOP:
-            if decision.text:
-                seq.sink(Event(text=decision.text))
+            if decision.text:  # only the pieces sent whole report their tokens
+                seq.sink(self._pieces_event(seq, decision.text, decision.n_full))
             # The slot keeps only what was returned: drop the tokens of the cut/stopping pieces.
             n_drop = len(seq.pieces) - decision.n_full - 1  # the newest token is not cached yet
             if n_drop > 0:
                 keep = len(slot.inputs) - n_drop
                 self._kv().remove(slot.id, keep, None)
                 slot.inputs = slot.inputs[:keep]
-            seq.pieces = []
+            seq.pieces, seq.piece_tokens, seq.piece_probs = [], [], []
             self._finish(slot, seq, DoneReason.STOP, decision.stop)
             return
         if decision.action == Action.SEND:
             if decision.text:
-                seq.sink(Event(text=decision.text))
-            seq.pieces = []
+                seq.sink(self._pieces_event(seq, decision.text, len(seq.pieces)))
+            seq.pieces, seq.piece_tokens, seq.piece_probs = [], [], []
         limit = seq.request.num_predict
         if limit > 0 and seq.n_generated >= limit:
             self._finish(slot, seq, DoneReason.LENGTH)
             return
         seq.pending = [token]
 
+    @staticmethod
+    def _pieces_event(seq: Sequence, text: str, n: int) -> Event:
+        """The event for `text`, made of the first `n` pending pieces."""
+        return Event(text=text, tokens=tuple(seq.piece_tokens[:n]), probs=tuple(seq.piece_probs[:n]))
+
     def _finish(self, slot: _Slot, seq: Sequence, reason: DoneReason, stop_word: str = "") -> None:
         rest = flush_pending(seq.pieces)
         if rest:
-            seq.sink(Event(text=rest))
+            seq.sink(self._pieces_event(seq, rest, len(seq.pieces)))
+        seq.pieces, seq.piece_tokens, seq.piece_probs = [], [], []
         now = time.monotonic()
         metrics = Metrics(prompt_eval_count=seq.n_prompt,
                           prompt_eval_duration_ns=int((seq.t_first - seq.t_start) * 1e9),

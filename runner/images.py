@@ -16,7 +16,7 @@ import numpy.typing as npt
 
 from ml.backend import Backend
 from ml.batch import Batch
-from models.vision.image import ImageError, preprocess, split_prompt
+from models.vision.image import ImageError, decode, preprocess, split_prompt
 from runner.protocol import CompletionRequest
 
 
@@ -48,31 +48,61 @@ def prompt_inputs(model: Any, backend: Backend, tokenizer: Any,
         ValueError: "failed to process inputs: ..." (an unknown marker, an image that does not decode or encode),
             the Go runner's wording.
     """
+    tokens: list[int] = []
+    rows: dict[int, ImageRow] = {}
+    for part in _layout(tokenizer, req):
+        if isinstance(part, list):
+            tokens += part
+            continue
+        try:
+            embeddings = _encode(model, backend, part)
+        except ImageError as e:
+            raise ValueError(f"failed to process inputs: {e}") from None
+        digest = hashlib.blake2b(part, digest_size=16).digest()
+        ids = [row_id(digest, i) for i in range(len(embeddings))]
+        for i, (rid, emb) in enumerate(zip(ids, embeddings)):
+            rows[rid] = ImageRow(emb, i, len(ids))
+        tokens += ids
+    return tokens, rows
+
+
+def prompt_length(model: Any, tokenizer: Any, req: CompletionRequest) -> int:
+    """len(prompt_inputs(…)[0]) without running the vision tower: the same layout, each image counted as the
+    model's tokens per image. Decodes every image, so a file that is no image fails here, before any queue.
+
+    Raises:
+        ValueError: as prompt_inputs.
+    """
+    n = 0
+    for part in _layout(tokenizer, req):
+        if isinstance(part, list):
+            n += len(part)
+            continue
+        try:
+            decode(part)
+        except ImageError as e:
+            raise ValueError(f"failed to process inputs: {e}") from None
+        n += int(model.vision.tokens_per_image)
+    return n
+
+
+def _layout(tokenizer: Any, req: CompletionRequest) -> list[list[int] | bytes]:
+    """The prompt as runs of token ids and image files, in order."""
     images = {im.id: im.data for im in req.images}
     try:
         parts = split_prompt(req.prompt, list(images))
     except ImageError as e:
         raise ValueError(f"failed to process inputs: {e}") from None
     first = parts[0] if parts and isinstance(parts[0], str) else ""
-    tokens = tokenizer.encode(first, add_special=True, parse_special=True)
-    rows: dict[int, ImageRow] = {}
+    out: list[list[int] | bytes] = [tokenizer.encode(first, add_special=True, parse_special=True)]
     for part in parts[1:] if first else parts:
         if isinstance(part, str):
-            tokens += tokenizer.encode(part, add_special=False, parse_special=True)
+            out.append(tokenizer.encode(part, add_special=False, parse_special=True))
             continue
-        data = images[part]
-        try:
-            embeddings = _encode(model, backend, data)
-        except ImageError as e:
-            raise ValueError(f"failed to process inputs: {e}") from None
-        digest = hashlib.blake2b(data, digest_size=16).digest()
-        ids = [row_id(digest, i) for i in range(len(embeddings))]
-        for i, (rid, emb) in enumerate(zip(ids, embeddings)):
-            rows[rid] = ImageRow(emb, i, len(ids))
-        tokens += tokenizer.encode("\n\n<start_of_image>", add_special=False, parse_special=True)
-        tokens += ids
-        tokens += tokenizer.encode("<end_of_image>\n\n", add_special=False, parse_special=True)
-    return tokens, rows
+        out.append(tokenizer.encode("\n\n<start_of_image>", add_special=False, parse_special=True))
+        out.append(images[part])
+        out.append(tokenizer.encode("<end_of_image>\n\n", add_special=False, parse_special=True))
+    return out
 
 
 def _encode(model: Any, backend: Backend, data: bytes) -> npt.NDArray[np.float32]:

@@ -67,6 +67,7 @@ class CompletionRequest:
     format: str | None = None
     cache_prompt: bool = True
     tokens: tuple[int, ...] | None = None  # a pre-tokenized prompt (llama-server mode); used instead of `prompt`
+    n_probs: int = 0  # llama-server mode: report each generated token's log-probability and the n_probs likeliest
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ model) and a row with no finite logit raise SamplingError, which ends that one s
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -44,6 +45,39 @@ class SamplerParams:
     repeat_penalty: float = 1.0
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenProbs:
+    """A generated token's log-probability and the `n` likeliest tokens' (id, log-probability), likeliest first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+_LOGPROB_FLOOR = -9999.0  # what a token of no probability reports (JSON has no -inf); OpenAI's own floor
+
+
+def token_probs(logits: npt.NDArray[Any], token: int, n: int) -> TokenProbs:
+    """Log-probabilities from the softmax of the raw logits, before penalties, temperature and truncation, as
+    llama-server reports n_probs (without post_sampling_probs). float64; ties keep the lower id first."""
+    x = np.asarray(logits, dtype=np.float64)
+    finite = np.isfinite(x)
+    top = float(x[finite].max()) if finite.any() else 0.0
+    logp = x - (top + math.log(float(np.exp(x[finite] - top).sum()) or 1.0))
+    logp = np.where(np.isnan(logp), -np.inf, logp)
+    n = max(0, min(n, logp.size))
+    order = np.zeros(0, dtype=np.int64)
+    if n:  # the n-th largest value bounds the candidates (every tie included), then only those are sorted
+        cut = np.partition(logp, logp.size - n)[logp.size - n]
+        cand = np.flatnonzero(logp >= cut)
+        order = cand[np.lexsort((cand, -logp[cand]))][:n]
+
+    def value(i: int) -> float:
+        v = float(logp[i])
+        return v if v > _LOGPROB_FLOOR else _LOGPROB_FLOOR
+    return TokenProbs(token, value(token), tuple((int(i), value(int(i))) for i in order))
 
 
 def _window(repeat_last_n: int, n_ctx: int) -> int:

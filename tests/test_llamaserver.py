@@ -7,6 +7,7 @@ the standalone `generate` tool), so the three routes and both front ends are tie
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import time
@@ -182,6 +183,41 @@ def test_completion_stream(smol: Server) -> None:
     final = objs[-1]
     assert final["stop"] is True and final["content"] == "" and final["timings"]["predicted_n"] == 20
     assert "".join(o["content"] for o in objs) == EXPECTED_20
+
+
+def test_token_ids_and_probabilities(smol: Server, oai: openai.OpenAI) -> None:
+    """n_probs (native), logprobs (OpenAI chat, and the legacy integer of /v1/completions) report the same numbers,
+    streamed or not; streamed pieces carry their token ids; greedy picks the likeliest reported candidate."""
+    with smol.client() as c:
+        res = c.post("/completion", json=_greedy(prompt=PROMPT, n_predict=8, n_probs=3, return_tokens=True)).json()
+        _, events = _stream(c, "/completion", _greedy(prompt=PROMPT, n_predict=8, n_probs=3, stream=True))
+        legacy = c.post("/v1/completions", json=_greedy(prompt=PROMPT, max_tokens=8, logprobs=3)).json()
+        plain = c.post("/completion", json=_greedy(prompt=PROMPT, n_predict=8)).json()
+    probs = res["completion_probabilities"]
+    assert len(probs) == 8 and [p["id"] for p in probs] == res["tokens"]
+    assert "".join(p["token"] for p in probs) == res["content"] and EXPECTED_20.startswith(res["content"])
+    for p in probs:
+        top = p["top_logprobs"]
+        assert len(top) == 3 and (top[0]["id"], top[0]["logprob"]) == (p["id"], p["logprob"])
+        assert top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]
+        assert 0 < sum(math.exp(t["logprob"]) for t in top) <= 1 + 1e-9
+        assert p["bytes"] == list(p["token"].encode()) and list(p) == ["id", "token", "bytes", "logprob", "top_logprobs"]
+    objs = [json.loads(e) for e in events]
+    assert [t for o in objs[:-1] for t in o["tokens"]] == res["tokens"]
+    assert [q for o in objs[:-1] for q in o["completion_probabilities"]] == probs
+    assert "completion_probabilities" not in plain and plain["tokens"] == []
+    assert legacy["choices"][0]["logprobs"] == {"content": probs}
+    messages: Any = [{"role": "user", "content": "What is the capital of France?"}]
+    with smol.client() as c:
+        rendered = c.post("/apply-template", json={"messages": messages}).json()["prompt"]
+        native = c.post("/completion", json=_greedy(prompt=rendered, n_predict=6, n_probs=2)).json()
+    out = oai.chat.completions.create(model="m", messages=messages, max_tokens=6, temperature=0, logprobs=True,
+                                      top_logprobs=2)
+    content = out.choices[0].logprobs.content if out.choices[0].logprobs else None
+    assert content is not None and out.choices[0].message.content == native["content"]
+    assert [(t.token, t.logprob, [(u.token, u.logprob) for u in t.top_logprobs]) for t in content] == [
+        (p["token"], p["logprob"], [(u["token"], u["logprob"]) for u in p["top_logprobs"]])
+        for p in native["completion_probabilities"]]
 
 
 def test_stop_word(smol: Server) -> None:

@@ -16,10 +16,13 @@ from runner.errors import RequestError
 from runner.llamaserver import shapes
 from runner.llamaserver.app import ServeState, build_app
 from runner.llamaserver.decode import decode_completion, decode_prompt, parse_body
-from runner.llamaserver.flags import parse_serve_args
-from runner.llamaserver.main import invoked_as_llama_server
+from runner.llamaserver.flags import parse_serve_args, wants_help
+from runner.llamaserver.main import invoked_as_llama_server, run_serve
+from runner.llamaserver.media import engine_prompt, image_url_bytes, multimodal_data
 from runner.llamaserver.template import ChatTemplate, TemplateError, chat_prompt, normalize_messages
+from runner.protocol import ImageData
 from runner.responses import DoneReason, Metrics
+from runner.sampling import TokenProbs
 
 SMOL_SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 # two conversations rendered by hand from the ChatML convention SmolLM2's template implements
@@ -82,6 +85,16 @@ def test_flag_errors(tmp_path: Path) -> None:
     assert parse_serve_args(["-m", "a", "--chat-template-file", str(f)])[0].chat_template == "{{ 'x' }}"
 
 
+def test_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert wants_help(["--help"]) and wants_help(["serve", "-h"]) and wants_help(["-m", "x", "-h"])
+    assert not wants_help(["--alias", "--help", "-m", "x"])  # the alias' value, not a request for help
+    assert run_serve(["--help"]) == 0  # no --model needed, nothing started
+    out = capsys.readouterr().out
+    assert out.startswith("usage: llama-server --model FILE")
+    for flag in ("-m, --model VALUE", "-c, --ctx-size VALUE", "-fa, --flash-attn [on|off|auto]", "--no-webui"):
+        assert f"\n  {flag}\n" in out
+
+
 def test_argv0_detection() -> None:
     assert invoked_as_llama_server("/usr/lib/ollama/llama-server")
     assert invoked_as_llama_server("llama-server")
@@ -132,6 +145,10 @@ def test_template_bos_is_not_doubled(gemma3_path: Path, smollm2_path: Path, smol
     prompt, ids = chat_prompt(text, t, tok)
     assert prompt == "" and ids is not None and ids[0] == 2 and ids.count(2) == 1
     assert list(ids) == tok.encode(text, add_special=False)
+    # with images the text goes to the engine, which adds the BOS itself while laying the images out
+    media_prompt, none = chat_prompt(text, t, tok, with_media=True)
+    assert none is None and media_prompt == text.removeprefix("<bos>")
+    assert tok.encode(media_prompt, add_special=True) == list(ids)
     # SmolLM2's BOS is <|im_start|>, which its prompts start with, but it adds no BOS: the text goes as it is
     smol = CONVERSATIONS[0][1]
     assert chat_prompt(smol, smol_template, load_tokenizer(smollm2_path)) == (smol, None)
@@ -161,7 +178,8 @@ def test_prompt_shapes() -> None:
     assert decode_prompt([5, "a"], tok) == ("", (5, 11))
     assert decode_prompt({"prompt_string": "x"}, tok) == ("x", None)
     assert decode_prompt([[4, 5]], tok) == ("", (4, 5))
-    for bad in [["a", "b"], [100], [-1], [1.5], [], None, 3, {"prompt_string": "x", "multimodal_data": ["AA=="]}]:
+    assert decode_prompt({"prompt_string": "x <__media__>", "multimodal_data": ["AA=="]}, tok) == ("x <__media__>", None)
+    for bad in [["a", "b"], [100], [-1], [1.5], [], None, 3]:
         with pytest.raises(RequestError):
             decode_prompt(bad, tok)
 
@@ -189,12 +207,74 @@ def test_completion_fields() -> None:
     assert decode_completion({"response_format": {"type": "text"}}, "", None).request.format is None
     for bad in [{"temperature": "hot"}, {"n_predict": 1.5}, {"stream": 1}, {"stop": [1]}, {"json_schema": "x"},
                 {"response_format": {"type": "xml"}}, {"response_format": {"type": "json_schema"}}, {"seed": True},
-                {"n": 2}, {"n_cmpl": 3}, {"multimodal_data": ["AA=="]}]:
+                {"n": 2}, {"n_cmpl": 3}]:
         with pytest.raises(RequestError):
             decode_completion(bad, "", None)
     for body in [b"", b"[1]", b"{", b"\xff"]:
         with pytest.raises(RequestError):
             parse_body(body)
+
+
+def test_probability_fields() -> None:
+    def n_probs(doc: dict[str, Any]) -> int:
+        return decode_completion(doc, "p", None).request.n_probs
+    assert n_probs({}) == 0 and n_probs({"n_probs": 5}) == 5
+    assert n_probs({"logprobs": True}) == 20 and n_probs({"logprobs": True, "top_logprobs": 2}) == 2  # llama-server
+    assert n_probs({"logprobs": False}) == 0 and n_probs({"logprobs": 3}) == 3  # the legacy /v1/completions int
+    assert n_probs({"n_probs": 100}) == 100 and not decode_completion({}, "p", None).return_tokens
+    assert decode_completion({"return_tokens": True}, "p", None).return_tokens
+    for bad, message in [({"top_logprobs": 2}, "requires logprobs"), ({"logprobs": False, "top_logprobs": 2},
+                          "requires logprobs"), ({"n_probs": 101}, "0..100"), ({"n_probs": -1}, "0..100"),
+                         ({"logprobs": "yes"}, "wrong type"), ({"n_probs": 2, "post_sampling_probs": True},
+                                                               "post_sampling_probs is not supported")]:
+        with pytest.raises(RequestError, match=message):
+            decode_completion(bad, "p", None)
+
+
+def test_probability_shapes() -> None:
+    probs = (TokenProbs(5, -0.25, ((5, -0.25), (7, -1.5))), TokenProbs(9, -2.0, ((8, -0.5),)))
+    pieces = {5: b" Pa", 7: b"\xc3", 8: b"ris", 9: b"!"}
+    got = shapes.token_probs(probs, pieces.__getitem__)
+    assert got[0] == {"id": 5, "token": " Pa", "bytes": [32, 80, 97], "logprob": -0.25, "top_logprobs": [
+        {"id": 5, "token": " Pa", "bytes": [32, 80, 97], "logprob": -0.25},
+        {"id": 7, "token": "\ufffd", "bytes": [195], "logprob": -1.5}]}
+    assert got[1]["top_logprobs"] == [{"id": 8, "token": "ris", "bytes": [114, 105, 115], "logprob": -0.5}]
+    partial = shapes.completion_partial(" Pa", 1, 5, (5,), got[:1])
+    assert list(partial)[:4] == ["index", "content", "tokens", "stop"] and partial["tokens"] == [5]
+    assert partial["completion_probabilities"] == got[:1]
+    assert "completion_probabilities" not in shapes.completion_partial("x", 1, 5, (5,))
+
+
+def test_media() -> None:
+    """llama-server's multimodal_data and OpenAI image_url parts, down to the engine's [img-N] form."""
+    assert multimodal_data({"prompt_string": "a", "multimodal_data": ["aGk=", "AA\n=="]}, {}) == (b"hi", b"\0")
+    assert multimodal_data("a", {"multimodal_data": ["aGk="]}) == (b"hi",)
+    assert multimodal_data("a", {}) == () and multimodal_data({"prompt_string": "a"}, {}) == ()
+    for prompt, doc, message in [({"multimodal_data": ["aGk="]}, {"multimodal_data": ["aGk="]}, "given twice"),
+                                 ("a", {"multimodal_data": "aGk="}, "must be an array"),
+                                 ("a", {"multimodal_data": [""]}, r"multimodal_data\[0\] must be a non-empty"),
+                                 ("a", {"multimodal_data": ["aGk=", "a?=="]}, r"multimodal_data\[1\] is not valid")]:
+        with pytest.raises(RequestError, match=message):
+            multimodal_data(prompt, doc)
+    assert image_url_bytes({"image_url": {"url": "data:image/png;base64,aGk="}}, "p") == b"hi"
+    assert image_url_bytes({"image_url": "DATA:image/jpeg;BASE64,aGk="}, "p") == b"hi"
+    for url, message in [("http://x/a.png", "not fetched"), ("file:///etc/passwd", "not fetched"),
+                         ("aGk=", "must be a data:image"), ("data:text/plain;base64,aGk=", "not an image"),
+                         ("data:image/png,aGk=", "must be base64"), ("", "needs a 'url'")]:
+        with pytest.raises(RequestError, match=message):
+            image_url_bytes({"image_url": {"url": url}}, "p")
+    text, files = engine_prompt("a <__media__> b <__media__>", [b"x", b"y"])
+    assert text == "a [img-0] b [img-1]" and files == (ImageData(0, b"x"), ImageData(1, b"y"))
+    assert engine_prompt("<__media__><__media__>", [b"x", b"y"])[0] == "[img-0][img-1]"
+    for prompt, n, message in [("a", 1, "0 <__media__> marker"), ("<__media__>", 0, "1 <__media__> marker"),
+                               ("[img-0] <__media__>", 1, "may not contain")]:
+        with pytest.raises(RequestError, match=message):
+            engine_prompt(prompt, [b"x"] * n)
+    media: list[bytes] = []
+    msgs = normalize_messages([{"role": "user", "content": [
+        {"type": "text", "text": "a"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}}]}],
+        media)
+    assert msgs[0]["content"] == "a\n<__media__>" and media == [b"hi"]
 
 
 # ---- response shapes ------------------------------------------------------------------------------------------

@@ -81,6 +81,22 @@ def test_prompt_layout(loaded: Loaded) -> None:
     assert sorted(r.index for r in rows.values()) == list(range(VS.tokens_per_image))
 
 
+@pytest.mark.parametrize("prompt,imgs", [("the [img-0] a", {0: png(1)}), ("[img-0]", {0: png(1)}),
+                                         ("[img-1] the [img-0][img-1] a b", {0: png(1), 1: png(2)}),
+                                         ("the a", {})])
+def test_prompt_length_counts_without_encoding(loaded: Loaded, prompt: str, imgs: dict[int, bytes]) -> None:
+    req = request(prompt, imgs)
+    tokens, _ = images.prompt_inputs(loaded.model, loaded.backend, loaded.tokenizer, req)
+    assert images.prompt_length(loaded.model, loaded.tokenizer, req) == len(tokens)
+
+
+def test_prompt_length_decodes_every_image(loaded: Loaded) -> None:
+    with pytest.raises(ValueError, match="failed to process inputs: failed to decode image"):
+        images.prompt_length(loaded.model, loaded.tokenizer, request("[img-0] [img-1]", {0: png(1), 1: b"GIF89a"}))
+    with pytest.raises(ValueError, match="invalid image index: 2"):
+        images.prompt_length(loaded.model, loaded.tokenizer, request("[img-2]", {0: png(1)}))
+
+
 class RecordingSampler(Sampler):
     """Keeps the logits of every step (the tiny model's text is too degenerate to tell runs apart)."""
 

@@ -21,14 +21,18 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from runner import images
 from runner.engine import Engine, Event
 from runner.errors import GrammarError, RequestError
 from runner.http_common import BodyDecoder, BodyTooLarge, read_body
 from runner.llamaserver import shapes
 from runner.llamaserver.decode import Decoded, decode_completion, decode_prompt, parse_body
-from runner.llamaserver.generate import EngineError, Generation, collect
+from runner.llamaserver.generate import Collected, EngineError, Generation, collect
+from runner.llamaserver.media import MEDIA_MARKER, NO_VISION, engine_prompt, multimodal_data
 from runner.llamaserver.template import RESERVED, ChatTemplate, TemplateError, chat_prompt, normalize_messages
+from runner.protocol import ImageData
 from runner.responses import DoneReason, Metrics
+from runner.sampling import TokenProbs
 
 log = logging.getLogger(__name__)
 MAX_BODY = 32 << 20  # llama-server has no limit; ours keeps a stray upload from filling memory
@@ -144,49 +148,72 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                 "frequency_penalty": s.frequency_penalty, "stop": list(r.stop), "max_tokens": d.n_predict,
                 "n_predict": d.n_predict, "n_keep": r.num_keep, "stream": d.stream, "grammar": r.grammar}
 
-    async def prepare(body: dict[str, Any], engine: Engine, prompt: str, tokens: tuple[int, ...] | None) -> Decoded:
+    async def prepare(body: dict[str, Any], engine: Engine, prompt: str, tokens: tuple[int, ...] | None,
+                      media: tuple[bytes, ...] = ()) -> Decoded:
         """The request with its prompt tokenized (off the event loop, so /health never waits on a long prompt).
-        Without --context-shift llama-server refuses a prompt that fills the slot and ends a generation when the
-        slot is full; the engine would truncate and shift, so the request is checked and capped here."""
-        if tokens is None:
+        A prompt with images goes to the engine as text with `[img-N]` markers, as the P3 front end sends it (the
+        engine lays it out and encodes the images); here its length is counted and every image decoded, so a bad
+        one is a 400 before the request queues. Without --context-shift llama-server refuses a prompt that fills
+        the slot and ends a generation when the slot is full; the engine would truncate and shift, so the
+        request is checked and capped here."""
+        files: tuple[ImageData, ...] = ()
+        if media:
+            if not images.can_see(engine.model):
+                raise HttpError(400, NO_VISION)
+            if tokens is not None:
+                raise HttpError(400, "images need a text prompt with one media marker each, not token ids")
+            prompt, files = engine_prompt(prompt, media)
+        elif tokens is None:
             tokens = tuple(await asyncio.to_thread(engine.tokenizer.encode, prompt, True, True))
-        if not tokens:
+        d = decode_completion(body, prompt, tokens, state.keep, state.n_predict, files)
+        try:
+            n_prompt = (await asyncio.to_thread(images.prompt_length, engine.model, engine.tokenizer, d.request)
+                        if files else len(tokens or ()))
+        except ValueError as e:  # an image that does not decode
+            raise HttpError(400, str(e)) from None
+        if not n_prompt:
             raise HttpError(400, "the prompt is empty")
-        d = decode_completion(body, prompt, tokens, state.keep, state.n_predict)
+        d = replace(d, n_prompt=n_prompt)
         if d.request.grammar or d.request.format:  # a bad grammar is the request's fault: 400 before it queues
             d = replace(d, grammar=await asyncio.to_thread(engine.grammars.compile, d.request))
         if not state.n_ctx_slot_cap:
             return d
-        room = engine.n_ctx_slot - len(tokens)
+        room = engine.n_ctx_slot - n_prompt
         if room <= 0:
-            raise HttpError(400, f"the request exceeds the available context size: {len(tokens)} prompt tokens, "
+            raise HttpError(400, f"the request exceeds the available context size: {n_prompt} prompt tokens, "
                                  f"{engine.n_ctx_slot} per slot", "exceed_context_size_error")
         if 0 < d.request.num_predict <= room:
             return d
         return replace(d, request=replace(d.request, num_predict=room))
+
+    def probs(d: Decoded, engine: Engine, got: tuple[TokenProbs, ...]) -> list[dict[str, Any]] | None:
+        """The reported probabilities, when the request asked for them (n_probs / logprobs)."""
+        return shapes.token_probs(got, engine.tokenizer.token_bytes) if d.request.n_probs > 0 else None
 
     def model_name(d: Decoded) -> str:
         return d.model or state.model_name
 
     def empty_outcome(d: Decoded) -> shapes.Outcome:
         """n_predict 0: nothing is generated (llama-server would still fill the cache; we answer at once)."""
-        return shapes.Outcome(DoneReason.LENGTH, Metrics(prompt_eval_count=len(d.request.tokens or ())))
+        return shapes.Outcome(DoneReason.LENGTH, Metrics(prompt_eval_count=d.n_prompt))
 
     async def native_completion(request: Request, body: dict[str, Any], engine: Engine) -> Response:
         if "prompt" not in body:
             raise HttpError(400, "'prompt' is required")
         prompt, tokens = await asyncio.to_thread(decode_prompt, body["prompt"], engine.tokenizer)
+        media = multimodal_data(body["prompt"], body)
         echo = prompt if tokens is None else await asyncio.to_thread(engine.tokenizer.decode, tokens)
-        d = await prepare(body, engine, prompt, tokens)
+        d = await prepare(body, engine, prompt, tokens, media)
         if d.n_predict == 0:
             out = empty_outcome(d)
             final = shapes.completion_final("", out, model_name(d), echo, settings(d, engine))
             return _sse_once(final) if d.stream else _json(final)
         gen = Generation(engine, d.request, d.grammar)
         if not d.stream:
-            text, ev = await _collect(gen, request)
-            out = _outcome(ev)
-            return _json(shapes.completion_final(text, out, model_name(d), echo, settings(d, engine)))
+            got = await _collect(gen, request)
+            return _json(shapes.completion_final(got.text, _outcome(got.final), model_name(d), echo,
+                                                 settings(d, engine), got.tokens if d.return_tokens else (),
+                                                 probs(d, engine, got.probs)))
         first = await _first(gen, request)
         n_prompt = gen.n_prompt
 
@@ -197,8 +224,9 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                     yield shapes.sse(shapes.error_object(500, ev.error))
                     return
                 if ev.text:
-                    n += 1
-                    yield shapes.sse(shapes.completion_partial(ev.text, n, n_prompt))
+                    n += len(ev.tokens)
+                    yield shapes.sse(shapes.completion_partial(ev.text, n, n_prompt, ev.tokens,
+                                                               probs(d, engine, ev.probs)))
                 if ev.done is not None:
                     yield shapes.sse(shapes.completion_final("", _outcome(ev), model_name(d), echo,
                                                              settings(d, engine)))
@@ -208,7 +236,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
         if "prompt" not in body:
             raise HttpError(400, "'prompt' is required")
         prompt, tokens = await asyncio.to_thread(decode_prompt, body["prompt"], engine.tokenizer)
-        d = await prepare(body, engine, prompt, tokens)
+        d = await prepare(body, engine, prompt, tokens, multimodal_data(body["prompt"], body))
         cid, created, model = "cmpl-" + secrets.token_hex(16), int(time.time()), model_name(d)
         if d.n_predict == 0:
             m = empty_outcome(d).metrics
@@ -216,9 +244,10 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             return _sse_done([res]) if d.stream else _json(res)
         gen = Generation(engine, d.request, d.grammar)
         if not d.stream:
-            text, ev = await _collect(gen, request)
-            out = _outcome(ev)
-            return _json(shapes.text_completion(text, out.finish_reason, cid, created, model, out.metrics))
+            got = await _collect(gen, request)
+            out = _outcome(got.final)
+            return _json(shapes.text_completion(got.text, out.finish_reason, cid, created, model, out.metrics,
+                                                probs(d, engine, got.probs)))
         first = await _first(gen, request)
 
         async def stream() -> AsyncIterator[bytes]:
@@ -227,17 +256,21 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                     yield shapes.sse(shapes.error_object(500, ev.error))
                     return
                 if ev.text:
-                    yield shapes.sse(shapes.text_completion(ev.text, None, cid, created, model, None))
+                    yield shapes.sse(shapes.text_completion(ev.text, None, cid, created, model, None,
+                                                            probs(d, engine, ev.probs)))
                 if ev.done is not None:
                     out = _outcome(ev)
                     yield shapes.sse(shapes.text_completion("", out.finish_reason, cid, created, model, out.metrics))
             yield shapes.SSE_DONE
         return StreamingResponse(stream(), media_type=shapes.SSE_CONTENT_TYPE)
 
-    def render(body: dict[str, Any]) -> str:
+    def render(body: dict[str, Any], engine: Engine, media: list[bytes]) -> str:
+        """The conversation as prompt text; its images' files are appended to `media` (one marker each)."""
         if state.template is None:
             raise HttpError(500, "no chat template")
-        messages = normalize_messages(body.get("messages"))
+        messages = normalize_messages(body.get("messages"), media)
+        if media and not images.can_see(engine.model):
+            raise HttpError(400, NO_VISION)
         tools = body.get("tools")
         add_gen = body.get("add_generation_prompt", True)
         extra = body.get("chat_template_kwargs")
@@ -249,17 +282,18 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
 
     async def apply_template(_: Request, body: dict[str, Any], engine: Engine) -> Response:
         try:
-            return _json({"prompt": render(body)})
+            return _json({"prompt": render(body, engine, [])})
         except ValueError as e:
             raise HttpError(400, str(e)) from None
 
     async def chat(request: Request, body: dict[str, Any], engine: Engine) -> Response:
+        media: list[bytes] = []
         try:
-            text = render(body)
+            text = render(body, engine, media)
         except ValueError as e:  # bad messages, or the template refused them
             raise HttpError(400, str(e)) from None
-        prompt, tokens = await asyncio.to_thread(chat_prompt, text, state.template, engine.tokenizer)
-        d = await prepare(body, engine, prompt, tokens)
+        prompt, tokens = await asyncio.to_thread(chat_prompt, text, state.template, engine.tokenizer, bool(media))
+        d = await prepare(body, engine, prompt, tokens, tuple(media))
         cid, created, model = "chatcmpl-" + secrets.token_hex(16), int(time.time()), model_name(d)
         if d.n_predict == 0:
             out = empty_outcome(d)
@@ -270,8 +304,9 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             return _json(shapes.chat_completion("", out, cid, created, model))
         gen = Generation(engine, d.request, d.grammar)
         if not d.stream:
-            text, ev = await _collect(gen, request)
-            return _json(shapes.chat_completion(text, _outcome(ev), cid, created, model))
+            got = await _collect(gen, request)
+            return _json(shapes.chat_completion(got.text, _outcome(got.final), cid, created, model,
+                                                probs(d, engine, got.probs)))
         first = await _first(gen, request)
 
         async def stream() -> AsyncIterator[bytes]:
@@ -281,7 +316,8 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                     yield shapes.sse(shapes.error_object(500, ev.error))
                     return
                 if ev.text:
-                    yield shapes.sse(shapes.chat_chunk({"content": ev.text}, None, cid, created, model))
+                    yield shapes.sse(shapes.chat_chunk({"content": ev.text}, None, cid, created, model,
+                                                       probs(d, engine, ev.probs)))
                 if ev.done is not None:
                     out = _outcome(ev)
                     last = shapes.chat_chunk({}, out.finish_reason, cid, created, model)
@@ -380,7 +416,8 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                                                       "params": params},
                       "total_slots": engine.parallel, "model_path": state.model_path,
                       "chat_template": state.template.source if state.template is not None else "",
-                      "modalities": {"vision": False, "audio": False},
+                      "modalities": {"vision": images.can_see(engine.model), "audio": False},
+                      "media_marker": MEDIA_MARKER,  # newer llama-server clients read the marker from here
                       "build_info": shapes.SYSTEM_FINGERPRINT})
 
     routes = [Route("/health", health, methods=["GET"]), Route("/v1/health", health, methods=["GET"]),
@@ -409,7 +446,7 @@ async def _first(gen: Generation, request: Request) -> Event:
     return ev
 
 
-async def _collect(gen: Generation, request: Request) -> tuple[str, Event]:
+async def _collect(gen: Generation, request: Request) -> Collected:
     try:
         got = await collect(gen, request)
     except EngineError as e:

@@ -17,7 +17,7 @@ from typing import Any
 
 from runner.errors import RequestError
 from runner.grammar import Constraint
-from runner.protocol import CompletionRequest
+from runner.protocol import CompletionRequest, ImageData
 from runner.sampling import SamplerParams
 
 
@@ -31,6 +31,8 @@ class Decoded:
     model: str  # the request's `model` (echoed back), "" when absent
     n_predict: int  # as sent: -1 unlimited, 0 evaluates nothing and answers at once
     grammar: Constraint | None = None  # the request's grammar/format, compiled before submission
+    n_prompt: int = 0  # the prompt's length in engine inputs (an image counts its soft tokens)
+    return_tokens: bool = False  # a non-streamed native answer lists the generated token ids
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -117,13 +119,32 @@ def _format(doc: Mapping[str, Any]) -> tuple[str, str | None]:
     return grammar, fmt
 
 
+MAX_N_PROBS = 100  # each reported token costs a sort of the vocabulary and ~100 bytes of JSON per candidate
+
+
+def _n_probs(doc: Mapping[str, Any]) -> int:
+    """llama-server's n_probs, or OpenAI's logprobs (true, with top_logprobs, default 20 as llama-server; or the
+    legacy /v1/completions integer)."""
+    n = _int(doc, "n_probs", 0)
+    logprobs = doc.get("logprobs")
+    if logprobs is True:
+        n = _int(doc, "top_logprobs", 20)
+    elif logprobs is not None and logprobs is not False:
+        n = _int(doc, "logprobs", 0)
+    elif doc.get("top_logprobs") is not None:
+        raise RequestError("top_logprobs requires logprobs to be set to true")
+    if not 0 <= n <= MAX_N_PROBS:
+        raise RequestError(f"n_probs / top_logprobs must be 0..{MAX_N_PROBS}, got {n}")
+    if _get(doc, "post_sampling_probs", bool, False):
+        raise RequestError("post_sampling_probs is not supported: probabilities are the softmax of the raw logits")
+    return n
+
+
 def decode_prompt(value: object, tokenizer: Any) -> tuple[str, tuple[int, ...] | None]:
     """llama-server's `prompt`: a string, token ids, token ids mixed with strings, a one-element array of one of
     those, or {"prompt_string": …}. Returns (text, None) for text the engine tokenizes, or ("", ids). A string
     that comes first gets the model's BOS as a text prompt would; later strings are tokenized without it."""
-    if isinstance(value, dict):
-        if value.get("multimodal_data"):
-            raise RequestError("multimodal_data is not supported by this runner yet")
+    if isinstance(value, dict):  # its multimodal_data is read by media.multimodal_data
         value = value.get("prompt_string")
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (list, dict, str)):
         return decode_prompt(value[0], tokenizer)  # one prompt given as a batch of one
@@ -148,9 +169,10 @@ def decode_prompt(value: object, tokenizer: Any) -> tuple[str, tuple[int, ...] |
 
 
 def decode_completion(doc: Mapping[str, Any], prompt: str, tokens: tuple[int, ...] | None,
-                      default_keep: int = 0, default_n_predict: int = -1) -> Decoded:
-    """The generation settings of any completion route, with the prompt already resolved; the defaults of n_keep
-    and n_predict come from --keep and -n."""
+                      default_keep: int = 0, default_n_predict: int = -1,
+                      images: tuple[ImageData, ...] = ()) -> Decoded:
+    """The generation settings of any completion route, with the prompt already resolved (images: the prompt's
+    `[img-N]` files, see media.py); the defaults of n_keep and n_predict come from --keep and -n."""
     n_predict = _int(doc, "max_tokens", default_n_predict)
     n_predict = _int(doc, "max_completion_tokens", n_predict)
     n_predict = _int(doc, "n_predict", n_predict)
@@ -163,14 +185,13 @@ def decode_completion(doc: Mapping[str, Any], prompt: str, tokens: tuple[int, ..
         frequency_penalty=_float(doc, "frequency_penalty", 0.0))
     if _int(doc, "n", 1) != 1 or _int(doc, "n_cmpl", 1) != 1:
         raise RequestError("only one completion per request is supported ('n' must be 1)")
-    if doc.get("multimodal_data"):
-        raise RequestError("multimodal_data is not supported by this runner yet")
     grammar, fmt = _format(doc)
     stream_options = _get(doc, "stream_options", dict, {})
     request = CompletionRequest(
-        prompt=prompt, images=(), sampling=sampling, num_predict=max(n_predict, 0),
+        prompt=prompt, images=images, sampling=sampling, num_predict=max(n_predict, 0),
         num_keep=_int(doc, "n_keep", default_keep), stop=_stops(doc), grammar=grammar, format=fmt,
-        cache_prompt=bool(_get(doc, "cache_prompt", bool, True)), tokens=tokens)
+        cache_prompt=bool(_get(doc, "cache_prompt", bool, True)), tokens=tokens, n_probs=_n_probs(doc))
     return Decoded(request=request, stream=bool(_get(doc, "stream", bool, False)),
                    include_usage=bool(_get(stream_options, "include_usage", bool, False)),
-                   model=str(_get(doc, "model", str, "")), n_predict=n_predict)
+                   model=str(_get(doc, "model", str, "")), n_predict=n_predict,
+                   return_tokens=bool(_get(doc, "return_tokens", bool, False)))

@@ -47,6 +47,29 @@ _SPECULATIVE_VALUE: Final = frozenset({
 _NUMBER = re.compile(r"-\d+(\.\d*)?([eE][+-]?\d+)?")
 
 
+_HELP_FLAGS: Final = ("-h", "--help")
+
+
+def wants_help(argv: Sequence[str]) -> bool:
+    """Whether the command line asks for the usage text (a -h/--help that is not some flag's value)."""
+    return any(arg in _HELP_FLAGS and (i == 0 or not _takes_value(argv[i - 1])) for i, arg in enumerate(argv))
+
+
+def _takes_value(flag: str) -> bool:
+    return "=" not in flag and (_lookup(_VALUE_FLAGS, flag) is not None or flag in _SPECULATIVE_VALUE)
+
+
+def usage(prog: str) -> str:
+    """The usage text for -h/--help, from the same tables the parser reads."""
+    lines = [f"usage: {prog} --model FILE [--port N] [--host ADDR] [options]", "",
+             "A llama.cpp llama-server compatible server (ollama-pyrunner). Options taking a value:"]
+    lines += [f"  {', '.join(spellings)} VALUE" for spellings in _VALUE_FLAGS.values()]
+    lines += ["", "Switches:", f"  {', '.join(_FLASH)} [on|off|auto]"]
+    lines += [f"  {', '.join(spellings)}" for spellings in _BOOL_FLAGS.values()]
+    lines += ["", "Speculative-decoding flags are accepted and ignored; unknown flags are logged and ignored."]
+    return "\n".join(lines) + "\n"
+
+
 @dataclass(frozen=True, slots=True)
 class ServeConfig:
     """The llama-server mode's launch parameters. ctx_size is the total KV size shared by `parallel` slots, as

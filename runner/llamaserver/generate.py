@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from starlette.requests import Request
 
@@ -12,6 +13,7 @@ from runner.engine import Engine, Event
 from runner.grammar import Constraint
 from runner.http_common import next_event
 from runner.protocol import CompletionRequest
+from runner.sampling import TokenProbs
 
 
 class EngineError(RuntimeError):
@@ -65,10 +67,22 @@ class Generation:
             self.cancel()  # a no-op once finished; frees the slot when the consumer stopped early
 
 
-async def collect(gen: Generation, request: Request) -> tuple[str, Event] | None:
-    """The whole text and the final event, or None if the client went away (the sequence is then cancelled, so
-    an abandoned non-streaming request stops generating). Raises EngineError."""
+@dataclass(frozen=True, slots=True)
+class Collected:
+    """A whole generation: its text, the final event, and the generated tokens with their probabilities."""
+
+    text: str
+    final: Event
+    tokens: tuple[int, ...]
+    probs: tuple[TokenProbs, ...]
+
+
+async def collect(gen: Generation, request: Request) -> Collected | None:
+    """The whole generation, or None if the client went away (the sequence is then cancelled, so an abandoned
+    non-streaming request stops generating). Raises EngineError."""
     parts: list[str] = []
+    tokens: list[int] = []
+    probs: list[TokenProbs] = []
     while True:
         ev = await gen.next(request)
         if ev is None:
@@ -77,5 +91,7 @@ async def collect(gen: Generation, request: Request) -> tuple[str, Event] | None
             gen.cancel()
             raise EngineError(ev.error)
         parts.append(ev.text)
+        tokens += ev.tokens
+        probs += ev.probs
         if ev.done is not None:
-            return "".join(parts), ev
+            return Collected("".join(parts), ev, tuple(tokens), tuple(probs))

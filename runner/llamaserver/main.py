@@ -9,7 +9,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from runner.llamaserver.flags import ServeConfig, parse_serve_args, template_kwargs
+from runner.llamaserver.flags import ServeConfig, parse_serve_args, template_kwargs, usage, wants_help
 
 log = logging.getLogger("llama-server")
 
@@ -25,7 +25,8 @@ def _log_flags(cfg: ServeConfig, unknown: Sequence[str]) -> None:
     if cfg.ignored:
         log.info("speculative decoding is not supported; ignoring %s", ", ".join(cfg.ignored))
     if cfg.mmproj:
-        log.warning("--mmproj %s: images are not supported in this mode yet; serving text only", cfg.mmproj)
+        log.warning("--mmproj %s: a separate projector file is not read; images work when the model file itself "
+                    "carries the vision tower (Ollama's gemma3 files)", cfg.mmproj)
     if cfg.chat_template_name:
         log.warning("--chat-template %s: built-in templates are not bundled; using the model's own",
                     cfg.chat_template_name)
@@ -77,6 +78,9 @@ def run_serve(argv: Sequence[str]) -> int:
 
     from runner.llamaserver.app import ServeState, build_app
 
+    if wants_help(argv):
+        print(usage("llama-server"), end="")
+        return 0
     try:
         cfg, unknown = parse_serve_args(argv)
     except (ValueError, OSError) as e:

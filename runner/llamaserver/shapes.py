@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
 
 from runner.responses import DoneReason, Metrics
+from runner.sampling import TokenProbs
 
 SSE_CONTENT_TYPE: Final = "text/event-stream"
 JSON_CONTENT_TYPE: Final = "application/json; charset=utf-8"
@@ -86,16 +87,38 @@ def _usage(m: Metrics) -> dict[str, int]:
 
 # ---- native /completion ------------------------------------------------------------------------------------
 
-def completion_partial(content: str, n_decoded: int, n_prompt: int) -> dict[str, Any]:
-    """A streamed piece. (Token ids are not reported: the engine streams text pieces, `tokens` stays empty.)"""
-    return {"index": 0, "content": content, "tokens": [], "stop": False, "id_slot": -1,
-            "tokens_predicted": n_decoded, "tokens_evaluated": n_prompt}
+def token_probs(probs: Sequence[TokenProbs], piece: Callable[[int], bytes]) -> list[dict[str, Any]]:
+    """llama-server's per-token probabilities (`completion_probabilities`, and OpenAI's `logprobs.content`)."""
+    def one(token: int, logprob: float) -> dict[str, Any]:
+        raw = piece(token)
+        return {"id": token, "token": raw.decode("utf-8", "replace"), "bytes": list(raw), "logprob": logprob}
+    return [{**one(p.token, p.logprob), "top_logprobs": [one(t, lp) for t, lp in p.top]} for p in probs]
 
 
-def completion_final(content: str, out: Outcome, model: str, prompt: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """The last (or only) object of a native completion; `content` is "" when the text was streamed."""
+def completion_partial(content: str, n_decoded: int, n_prompt: int, tokens: Sequence[int] = (),
+                       probs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A streamed piece, with the ids of the tokens it holds (and their probabilities when asked for)."""
+    res: dict[str, Any] = {"index": 0, "content": content, "tokens": list(tokens), "stop": False, "id_slot": -1,
+                           "tokens_predicted": n_decoded, "tokens_evaluated": n_prompt}
+    if probs is not None:
+        res["completion_probabilities"] = probs
+    return res
+
+
+def completion_final(content: str, out: Outcome, model: str, prompt: str, settings: dict[str, Any],
+                     tokens: Sequence[int] = (), probs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The last (or only) object of a native completion; `content` is "" when the text was streamed; `tokens`
+    only with return_tokens, `probs` only for n_probs (and not after a stream, whose pieces carried them)."""
+    res = _final(content, out, model, prompt, settings, tokens)
+    if probs is not None:
+        res["completion_probabilities"] = probs
+    return res
+
+
+def _final(content: str, out: Outcome, model: str, prompt: str, settings: dict[str, Any],
+           tokens: Sequence[int]) -> dict[str, Any]:
     m = out.metrics
-    return {"index": 0, "content": content, "tokens": [], "id_slot": -1, "stop": True, "model": model,
+    return {"index": 0, "content": content, "tokens": list(tokens), "id_slot": -1, "stop": True, "model": model,
             "tokens_predicted": m.eval_count, "tokens_evaluated": m.prompt_eval_count,
             "generation_settings": settings, "prompt": prompt, "has_new_line": "\n" in content,
             "truncated": False, "stop_type": out.stop_type, "stopping_word": out.stop_word,
@@ -110,9 +133,10 @@ def _head(cmpl_id: str, created: int, model: str, obj: str) -> dict[str, Any]:
 
 
 def text_completion(text: str, finish: str | None, cmpl_id: str, created: int, model: str,
-                    metrics: Metrics | None) -> dict[str, Any]:
+                    metrics: Metrics | None, probs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """A whole /v1/completions answer (metrics given) or one streamed chunk (finish None unless last)."""
-    res: dict[str, Any] = {"choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+    logprobs = None if probs is None else {"content": probs}
+    res: dict[str, Any] = {"choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}],
                            **_head(cmpl_id, created, model, "text_completion")}
     if metrics is not None:
         res["usage"] = _usage(metrics)
@@ -123,18 +147,26 @@ def text_completion(text: str, finish: str | None, cmpl_id: str, created: int, m
 
 # ---- OpenAI /v1/chat/completions ----------------------------------------------------------------------------
 
-def chat_completion(content: str, out: Outcome, cmpl_id: str, created: int, model: str) -> dict[str, Any]:
-    """A whole chat answer."""
-    return {"choices": [{"finish_reason": out.finish_reason, "index": 0,
-                         "message": {"role": "assistant", "content": content}}],
+def chat_completion(content: str, out: Outcome, cmpl_id: str, created: int, model: str,
+                    probs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A whole chat answer (`logprobs` in its choice when the request asked for them)."""
+    choice: dict[str, Any] = {"finish_reason": out.finish_reason, "index": 0,
+                              "message": {"role": "assistant", "content": content}}
+    if probs is not None:
+        choice["logprobs"] = {"content": probs}
+    return {"choices": [choice],
             "created": created, "model": model, "system_fingerprint": SYSTEM_FINGERPRINT,
             "object": "chat.completion", "usage": _usage(out.metrics), "id": cmpl_id,
             "timings": timings(out.metrics)}
 
 
-def chat_chunk(delta: dict[str, Any], finish: str | None, cmpl_id: str, created: int, model: str) -> dict[str, Any]:
+def chat_chunk(delta: dict[str, Any], finish: str | None, cmpl_id: str, created: int, model: str,
+               probs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """One chat.completion.chunk (llama-server orders created before id in chunks)."""
-    return {"choices": [{"finish_reason": finish, "index": 0, "delta": delta}], "created": created, "id": cmpl_id,
+    choice: dict[str, Any] = {"finish_reason": finish, "index": 0, "delta": delta}
+    if probs is not None:
+        choice["logprobs"] = {"content": probs}
+    return {"choices": [choice], "created": created, "id": cmpl_id,
             "model": model, "system_fingerprint": SYSTEM_FINGERPRINT, "object": "chat.completion.chunk"}
 
 

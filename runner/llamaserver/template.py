@@ -17,6 +17,8 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from runner.llamaserver.media import MEDIA_MARKER, image_url_bytes
+
 # A model without a template still gets a usable chat format: ChatML, which llama.cpp also falls back to.
 CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
                    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -73,9 +75,11 @@ class ChatTemplate:
             raise TemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
 
-def normalize_messages(raw: object) -> list[dict[str, Any]]:
+def normalize_messages(raw: object, media: list[bytes] | None = None) -> list[dict[str, Any]]:
     """OpenAI messages as template input: each needs a string role; content may be a string, null, or a list of
-    parts whose text parts are joined (image parts are refused: no vision here yet). Raises ValueError."""
+    parts whose text parts are joined. With a `media` list, an `image_url` part becomes llama-server's media
+    marker in the text and its file bytes are appended to `media`, in order; without one, image parts are refused.
+    Raises ValueError (RequestError for a bad image part)."""
     if not isinstance(raw, list) or not raw:
         raise ValueError("'messages' must be a non-empty array")
     out: list[dict[str, Any]] = []
@@ -85,9 +89,13 @@ def normalize_messages(raw: object) -> list[dict[str, Any]]:
         content = msg.get("content")
         if isinstance(content, list):
             texts = []
-            for part in content:
+            for j, part in enumerate(content):
+                if media is not None and isinstance(part, dict) and part.get("type") == "image_url":
+                    media.append(image_url_bytes(part, f"messages[{i}].content[{j}]"))
+                    texts.append(MEDIA_MARKER)
+                    continue
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(f"messages[{i}]: only text content parts are supported")
+                    raise ValueError(f"messages[{i}]: only text and image_url content parts are supported")
                 texts.append(part["text"])
             content = "\n".join(texts)
         elif content is None:
@@ -98,10 +106,14 @@ def normalize_messages(raw: object) -> list[dict[str, Any]]:
     return out
 
 
-def chat_prompt(text: str, template: ChatTemplate | None, tokenizer: Any) -> tuple[str, tuple[int, ...] | None]:
+def chat_prompt(text: str, template: ChatTemplate | None, tokenizer: Any,
+                with_media: bool = False) -> tuple[str, tuple[int, ...] | None]:
     """What the engine gets for a rendered conversation: the text, or its tokens when the template already wrote
-    the BOS that tokenization would add again (Gemma's and Llama 3's templates start with `{{ bos_token }}`)."""
+    the BOS that tokenization would add again (Gemma's and Llama 3's templates start with `{{ bos_token }}`).
+    A prompt with media stays text (the engine lays out its images and adds the BOS itself), less that BOS."""
     bos = template.bos_token if template is not None else ""
     if bos and text.startswith(bos) and tokenizer.add_bos:
+        if with_media:
+            return text[len(bos):], None
         return "", tuple(tokenizer.encode(text, add_special=False, parse_special=True))
     return text, None
