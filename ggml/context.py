@@ -57,6 +57,10 @@ class GgmlContext:
 
     # ---- plumbing for GgmlTensor ----
     @property
+    def runtime(self) -> Runtime:
+        return self._rt
+
+    @property
     def c(self) -> CData:
         ctx = self._state["ctx"]
         if ctx is None:

@@ -42,6 +42,9 @@ class RuntimeOptions:
     a Q4_K GEMM runs at a third of the tiled kernel's speed)."""
     use_repack: bool = True
     """With fast_kernels: keep Q4_0/Q4_K/IQ4_NL matmul weights in ggml's repacked CPU layout."""
+    row_matmul: bool = True
+    """Without fast_kernels: run Q4_1/Q8_0 mat-muls on the row kernels (ggml/row_matmul.py), which read each
+    weight block once for up to four columns and compute every element as ggml's reference kernel does."""
     rpc: tuple[str, ...] = ()
     """`host:port` of ggml rpc-servers: each is one more device for layer placement (see ggml/placement.py)."""
     adaptive_threads: bool = True
@@ -88,6 +91,7 @@ class Runtime:
         lib.ggml_backend_cpu_set_n_threads(self.cpu_backend, max(1, opts.threads))
         lib.ggml_backend_cpu_set_use_ref(self.cpu_backend, not opts.fast_kernels)
         self.cpu_buft = lib.ggml_backend_get_default_buffer_type(self.cpu_backend)
+        self.row_matmul = opts.row_matmul and not opts.fast_kernels
         # ggml's repack set_tensor dereferences the layout it picked, which exists for these types only with AVX2.
         use_repack = opts.fast_kernels and opts.use_repack and bool(lib.ggml_cpu_has_avx2())
         self.repack_buft = self._find_repack_buft() if use_repack else None
