@@ -100,6 +100,9 @@ EMPTY = -1
 """Position of an empty cell."""
 
 
+_DECODE_FAST_MAX = 64  # batches up to this size with one token per sequence take ordered_free_cells' fast path
+
+
 def _batch_arrays(positions: ArrayLike, seqs: ArrayLike,
                   pos_dtype: type[np.int32] | type[np.int64]) -> tuple[NDArray[Any], NDArray[np.intp]]:
     """A batch's positions and sequence ids as arrays; raises ValueError unless both are 1-D of one length."""
@@ -227,6 +230,13 @@ class CellTable:
         n_free = int(np.count_nonzero(free))
         if n_free < pos.size:
             raise CacheFullError(f"need {pos.size} cells, only {n_free} of {self._capacity} free")
+        if pos.size <= _DECODE_FAST_MAX and len(set(seq.tolist())) == pos.size:
+            return self._one_cell_per_sequence(seq, free)
+        return self._cells_by_sequence(pos, seq, free)
+
+    def _cells_by_sequence(self, pos: NDArray[np.int32], seq: NDArray[np.intp],
+                           free: NDArray[np.bool_]) -> NDArray[np.int32] | None:
+        """ordered_free_cells, one sequence of the batch after the other (ascending ids)."""
         out = np.empty(pos.size, dtype=np.int32)
         for s in np.unique(seq):  # the sequences of one batch: a handful
             rows = np.flatnonzero(seq == s)
@@ -238,6 +248,26 @@ class CellTable:
                 return None
             out[rows] = cand
             free[cand] = False
+        return out
+
+    def _one_cell_per_sequence(self, seq: NDArray[np.intp], free: NDArray[np.bool_]) -> NDArray[np.int32] | None:
+        """ordered_free_cells for a decode step (each sequence once): the same cells, found with a fixed handful
+        of numpy calls instead of a handful per sequence. Sequences go in ascending id order, each taking the
+        lowest free cell above its last one that no earlier sequence of the batch took."""
+        order = np.argsort(seq, kind="stable")
+        held = self._member[seq[order], ::-1]  # reversed: argmax finds each sequence's last cell
+        floors = np.where(held.any(axis=1), self._capacity - held.argmax(axis=1), 0)
+        free_idx = np.flatnonzero(free)
+        starts = np.searchsorted(free_idx, floors).tolist()
+        out = np.empty(seq.size, dtype=np.int32)
+        taken: set[int] = set()
+        for row, i in zip(order.tolist(), starts):
+            while i in taken:
+                i += 1
+            if i >= free_idx.size:
+                return None
+            taken.add(i)
+            out[row] = free_idx[i]
         return out
 
     def find_slot(self, n: int) -> int | None:
