@@ -558,10 +558,16 @@ class CellTable:
         if seq.size == 0:
             return np.empty(0, dtype=np.int32)
         self._check_seqs(seq)
-        lowest = np.full(self._max_sequences, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(lowest, seq, pos)
-        rows = np.unique(seq)
-        threshold = lowest[rows] - window  # int64: no underflow
+        if len(set(seq.tolist())) == seq.size:  # one token per sequence (a decode step): its position is lowest
+            rows, threshold = seq, pos - window
+        else:
+            lowest = np.full(self._max_sequences, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(lowest, seq, pos)
+            rows = np.unique(seq)
+            threshold = lowest[rows] - window  # int64: no underflow
+        if int(threshold.max()) <= 0:  # no position lies below: nothing to drop (the early steps of a sequence)
+            self._version += 1
+            return np.empty(0, dtype=np.int32)
         drop = self._member[rows] & (self._pos[np.newaxis, :] < threshold[:, np.newaxis])
         touched = np.flatnonzero(drop.any(axis=0))
         self._member[rows] &= ~drop
