@@ -101,6 +101,15 @@ EMPTY = -1
 
 
 _DECODE_FAST_MAX = 64  # batches up to this size with one token per sequence take ordered_free_cells' fast path
+_SMALL = 64  # arrays up to this size are checked in plain Python (cheaper than numpy's per-call cost)
+
+
+def _bounds(a: NDArray[Any]) -> tuple[int, int]:
+    """(min, max) of a non-empty integer array."""
+    if a.size <= _SMALL:
+        values = a.tolist()
+        return min(values), max(values)
+    return int(a.min()), int(a.max())
 
 
 def _batch_arrays(positions: ArrayLike, seqs: ArrayLike,
@@ -346,13 +355,14 @@ class CellTable:
             idx = np.asarray(cells, dtype=np.intp)
             if idx.shape != pos.shape:
                 raise ValueError(f"cells {idx.shape} must match positions {pos.shape}")
-            if np.unique(idx).size != n:
+            if (len(set(idx.tolist())) if n <= _SMALL else np.unique(idx).size) != n:
                 raise ValueError("duplicate cell indices")
         if n == 0:
             return idx.astype(np.int32)
-        if idx.min() < 0 or idx.max() >= self._capacity:
+        lo, hi = _bounds(idx)
+        if lo < 0 or hi >= self._capacity:
             raise ValueError(f"cell indices outside [0, {self._capacity})")
-        if pos.min() < 0:
+        if _bounds(pos)[0] < 0:
             raise ValueError("positions must be >= 0")
         self._check_seqs(seq)
         busy = idx[self._pos[idx] >= 0]
@@ -588,8 +598,10 @@ class CellTable:
             raise ValueError(f"sequence id {seq} outside [0, {self._max_sequences})")
 
     def _check_seqs(self, seqs: NDArray[np.intp]) -> None:
-        if seqs.size and (seqs.min() < 0 or seqs.max() >= self._max_sequences):
-            raise ValueError(f"sequence ids outside [0, {self._max_sequences})")
+        if seqs.size:
+            lo, hi = _bounds(seqs)
+            if lo < 0 or hi >= self._max_sequences:
+                raise ValueError(f"sequence ids outside [0, {self._max_sequences})")
 
     @staticmethod
     def _check_count(n: int) -> None:
