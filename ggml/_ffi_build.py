@@ -251,6 +251,7 @@ int pyrunner_rpc_failure(char * buf, size_t size);
 CDEF_ROW_MATMUL = """
 // ---- ggml/row_matmul.c: batch-invariant quantized mat-mul, weights read once for up to four columns ----
 int pyrunner_row_matmul_supports(enum ggml_type type);
+int64_t pyrunner_row_matmul_max_k(void);
 struct ggml_tensor * pyrunner_row_matmul(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * b);
 """
 

@@ -14,11 +14,12 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
-#include <stdlib.h>
+#include <string.h>
 
 #define PYR_QK 32
 #define PYR_ROWS_PER_CHUNK 64
 #define PYR_MAX_COLS 4
+#define PYR_MAX_BLOCKS 2048  /* rows of up to 65536 weights; longer ones stay with ggml_mul_mat */
 
 typedef struct { uint16_t d, m; uint8_t qs[PYR_QK / 2]; } pyr_block_q4_1;
 typedef struct { uint16_t d; int8_t qs[PYR_QK]; } pyr_block_q8_0;
@@ -137,7 +138,7 @@ PYR_INLINE void pyr_q8_0_tile(const char * w, size_t w_row, int64_t r, int nb, c
         for (; r + (NR) <= r1; r += (NR)) TILE(w, w_row, r, nb, y, yd, __VA_ARGS__ out, NR, nc);                   \
         for (; r < r1; ++r) TILE(w, w_row, r, nb, y, yd, __VA_ARGS__ out, 1, nc);                                  \
     }
-PYR_ROWS(pyr_q4_1_rows, pyr_q4_1_tile, pyr_block_q8_1, 2, ys,)
+PYR_ROWS(pyr_q4_1_rows, pyr_q4_1_tile, pyr_block_q8_1, (nc == 1 ? 1 : 2), ys,)
 PYR_ROWS(pyr_q8_0_rows, pyr_q8_0_tile, pyr_block_q8_0, 1)
 
 /* One column tile (1..4 columns) over rows [r0, r1); the switch gives each column count its own unrolled loop. */
@@ -164,8 +165,9 @@ PYR_TARGET static void pyr_tile(enum ggml_type type, const char * w, size_t w_ro
 }
 
 /* The custom op: dst [M, N] f32 = src[0] [K, M] weights x src[1] [K, N] quantized activations. Thread ith takes
-   every nth chunk of PYR_ROWS_PER_CHUNK weight rows (the weights of a chunk stay in cache across the column
-   tiles); no two threads write the same element, and no element's arithmetic depends on the split. */
+   an equal share of the weight rows (a multiple of 2 rows), in chunks of PYR_ROWS_PER_CHUNK rows whose weights
+   stay in cache across the column tiles; no two threads write the same element, and no element's arithmetic
+   depends on the split. */
 PYR_TARGET static void pyr_row_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * w = dst->src[0];
@@ -173,16 +175,15 @@ PYR_TARGET static void pyr_row_matmul(struct ggml_tensor * dst, int ith, int nth
     const int64_t m = w->ne[1], n = x->ne[1];
     const int nb = (int) (w->ne[0] / PYR_QK);
     const int is_q8_1 = x->type == GGML_TYPE_Q8_1;  /* Q8_1 activations: a Q4_1 weight */
-    float * scales = calloc(2 * PYR_MAX_COLS * (size_t) nb, sizeof(float));
-    if (scales == NULL) {
-        return;  /* cannot happen for any real row length; the caller's shapes bound nb */
-    }
+    float scales[2 * PYR_MAX_COLS * PYR_MAX_BLOCKS];  /* 64 KB; Python's row_matmul.usable bounds nb */
+    memset(scales, 0, sizeof(float) * 2 * PYR_MAX_COLS * (size_t) nb);  /* the lanes of absent columns */
     float * yd = scales;
     float * ys = scales + PYR_MAX_COLS * nb;
-    const int64_t n_chunks = (m + PYR_ROWS_PER_CHUNK - 1) / PYR_ROWS_PER_CHUNK;
-    for (int64_t chunk = ith; chunk < n_chunks; chunk += nth) {
-        const int64_t r0 = chunk * PYR_ROWS_PER_CHUNK;
-        const int64_t r1 = r0 + PYR_ROWS_PER_CHUNK < m ? r0 + PYR_ROWS_PER_CHUNK : m;
+    const int64_t pairs = (m + 1) / 2;
+    const int64_t first = 2 * (pairs * ith / nth);
+    const int64_t last = ith + 1 == nth ? m : 2 * (pairs * (ith + 1) / nth);
+    for (int64_t r0 = first; r0 < last; r0 += PYR_ROWS_PER_CHUNK) {
+        const int64_t r1 = r0 + PYR_ROWS_PER_CHUNK < last ? r0 + PYR_ROWS_PER_CHUNK : last;
         for (int64_t c0 = 0; c0 < n; c0 += PYR_MAX_COLS) {
             const int nc = (int) (n - c0 < PYR_MAX_COLS ? n - c0 : PYR_MAX_COLS);
             const void * cols[PYR_MAX_COLS];
@@ -204,7 +205,11 @@ PYR_TARGET static void pyr_row_matmul(struct ggml_tensor * dst, int ith, int nth
             pyr_tile(w->type, (const char *) w->data, w->nb[1], r0, r1, nb, cols, yd, ys, out, nc);
         }
     }
-    free(scales);
+}
+
+/* The longest weight row (in elements) the kernels take. */
+int64_t pyrunner_row_matmul_max_k(void) {
+    return (int64_t) PYR_MAX_BLOCKS * PYR_QK;
 }
 
 /* Whether this CPU runs these kernels, and for which weight types. */

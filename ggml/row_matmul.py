@@ -17,9 +17,14 @@ def _supported(ggml_type: int) -> bool:
     return bool(lib.pyrunner_row_matmul_supports(ggml_type))
 
 
+@cache
+def _max_k() -> int:
+    return int(lib.pyrunner_row_matmul_max_k())
+
+
 def usable(w: CData, b: CData) -> bool:
     """Whether w [K, M] x b [K, ...] can run on the row kernels (the caller checked the runtime allows them)."""
-    return (_supported(int(w.type)) and int(b.type) == lib.GGML_TYPE_F32
+    return (_supported(int(w.type)) and int(b.type) == lib.GGML_TYPE_F32 and int(w.ne[0]) <= _max_k()
             and int(w.ne[2]) == 1 and int(w.ne[3]) == 1
             and bool(lib.ggml_is_contiguous(w)) and bool(lib.ggml_is_contiguous(b))
             and w.buffer != ffi.NULL and bool(lib.ggml_backend_buffer_is_host(w.buffer)))

@@ -99,6 +99,11 @@ def test_routing(runtimes: dict[tuple[int, bool], Runtime], monkeypatch: pytest.
         calls.clear()
         _matmul(rt, w, dtype, x)
         assert len(calls) == want, (dtype, rt.row_matmul)
+    wide = int(lib.pyrunner_row_matmul_max_k()) + 32  # rows longer than the kernels' scale buffer
+    calls.clear()
+    _matmul(runtimes[1, True], (g.standard_normal((2, wide)) * 0.05).astype(np.float32), DType.Q8_0,
+            g.standard_normal((1, wide)).astype(np.float32))
+    assert not calls
     fast = Runtime(RuntimeOptions(threads=1, fast_kernels=True))
     try:
         assert not fast.row_matmul
