@@ -1,7 +1,7 @@
 """Generation throughput with real models, side by side with llama.cpp in the same run: prefill and decode tokens/s,
 batched decode over 1/2/4 sequences, decode with a competing busy process, and the Python work per decode step.
 
-    .venv/bin/python bench/generate.py [--model PATH ...] [--threads N] [--repeats 3] [--no-reuse]
+    .venv/bin/python bench/generate.py [--model PATH ...] [--threads N] [--repeats 3] [--no-reuse] [--ggml-matmul]
 
 Per model (default: SmolLM2 and Gemma 3 where fetched), best of `--repeats` runs each, ours and llama.cpp's runs
 interleaved so that both see the same load:
@@ -69,9 +69,10 @@ class Ours:
     """The runner's path: a KV cache and a ForwardRunner (graph reuse unless `reuse` is off)."""
 
     def __init__(self, path: Path, threads: int, *, unfused: bool = False, fast_kernels: bool = False,
-                 reuse: bool = True) -> None:
+                 reuse: bool = True, row_matmul: bool = True) -> None:
         self.fused, self.reuse = not unfused, reuse
-        self.backend = load_backend(path, RuntimeOptions(threads=threads, fast_kernels=fast_kernels))
+        self.backend = load_backend(path, RuntimeOptions(threads=threads, fast_kernels=fast_kernels,
+                                                         row_matmul=row_matmul))
         self.model = load_model(self.backend)
         self.n_vocab = int(self.model.params.n_vocab)
         self.cache: Any = None
@@ -196,9 +197,9 @@ def busy_process() -> Iterator[None]:
 
 
 def bench_model(path: Path, threads: int, repeats: int, *, unfused: bool, fast_kernels: bool,
-                reuse: bool) -> tuple[Best, Best | None]:
-    ours = Ours(path, threads, unfused=unfused, fast_kernels=fast_kernels, reuse=reuse)
-    ours1 = Ours(path, 1, unfused=unfused, fast_kernels=fast_kernels, reuse=reuse)
+                reuse: bool, row_matmul: bool) -> tuple[Best, Best | None]:
+    ours = Ours(path, threads, unfused=unfused, fast_kernels=fast_kernels, reuse=reuse, row_matmul=row_matmul)
+    ours1 = Ours(path, 1, unfused=unfused, fast_kernels=fast_kernels, reuse=reuse, row_matmul=row_matmul)
     theirs = (llamacpp.LlamaCpp(path, threads, N_CTX_SEQ * max(SEQS), N_BATCH, max(SEQS))
               if llamacpp.available() else None)
     engines: list[tuple[Engine, Best]] = [(ours, Best())]
@@ -277,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-kernels", action="store_true",
                     help="ggml's batch-shape-dependent kernels (tiled/split attention, repacked weights)")
     ap.add_argument("--no-reuse", action="store_true", help="build every step's graph (no graph reuse)")
+    ap.add_argument("--ggml-matmul", action="store_true",
+                    help="ggml's reference mat-mul for Q4_1/Q8_0 weights instead of the row kernels")
     args = ap.parse_args(argv)
     models = args.model or [m for m in DEFAULT_MODELS if m.exists()]
     missing = [m for m in models if not m.exists()]
@@ -284,11 +287,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model not found: {missing or DEFAULT_MODELS[0]} (run `make models`)", file=sys.stderr)
         return 2
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, threads {args.threads}, "
-          f"KV cache f16, best of {args.repeats}" + ("" if llamacpp.available() else
+          f"KV cache f16, best of {args.repeats}, Q4_1/Q8_0 mat-mul: "
+          f"{'ggml reference' if args.ggml_matmul else 'row kernels'}" + ("" if llamacpp.available() else
                                                       "; llama_cpp not importable: its column is n/a"))
     for path in models:
         ours, theirs = bench_model(path, args.threads, args.repeats, unfused=args.unfused,
-                                   fast_kernels=args.fast_kernels, reuse=not args.no_reuse)
+                                   fast_kernels=args.fast_kernels, reuse=not args.no_reuse,
+                                   row_matmul=not args.ggml_matmul)
         print(f"\n{path.name}\n")
         print(table(ours, theirs, args.threads))
         sys.stdout.flush()

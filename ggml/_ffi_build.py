@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 MODULE_NAME = "ggml._ggml_api"
+ROW_MATMUL_C = Path(__file__).resolve().parent / "row_matmul.c"
 
 CDEF_GGML_H = """
 // ---- ggml.h ----
@@ -247,7 +248,14 @@ void pyrunner_install_abort_hook(void);
 int pyrunner_rpc_failure(char * buf, size_t size);
 """
 
-CDEF = CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC
+CDEF_ROW_MATMUL = """
+// ---- ggml/row_matmul.c: batch-invariant quantized mat-mul, weights read once for up to four columns ----
+int pyrunner_row_matmul_supports(enum ggml_type type);
+int64_t pyrunner_row_matmul_max_k(void);
+struct ggml_tensor * pyrunner_row_matmul(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * b);
+"""
+
+CDEF = CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC + CDEF_ROW_MATMUL
 
 C_SOURCE = """
 #include "ggml.h"
@@ -367,7 +375,7 @@ def make_builder() -> Any:
 
     ffibuilder = cffi.FFI()
     ffibuilder.cdef(CDEF)
-    ffibuilder.set_source(MODULE_NAME, C_SOURCE)
+    ffibuilder.set_source(MODULE_NAME, C_SOURCE + ROW_MATMUL_C.read_text())
     return ffibuilder
 
 

@@ -19,6 +19,8 @@ if TYPE_CHECKING:
     from ml.backend import Tensor
 
 DEFAULT_MAX_NODES = 8192
+# ggml type -> the numpy dtype whose bytes it takes as they are (not quantized, not bf16)
+_PLAIN_NUMPY = {int(d): d.numpy for d in DType if not d.is_quantized and d != DType.BF16}
 
 
 def _free_context(state: dict[str, Any]) -> None:
@@ -56,6 +58,10 @@ class GgmlContext:
         self._finalizer = weakref.finalize(self, _free_context, self._state)
 
     # ---- plumbing for GgmlTensor ----
+    @property
+    def runtime(self) -> Runtime:
+        return self._rt
+
     @property
     def c(self) -> CData:
         ctx = self._state["ctx"]
@@ -110,6 +116,12 @@ class GgmlContext:
     def set(self, tensor: Tensor, array: npt.NDArray[Any]) -> None:
         """Overwrite an allocated tensor's contents (same byte size) — for reusing input tensors across steps."""
         t: GgmlTensor = tensor  # type: ignore[assignment]
+        p = t._ptr
+        # The per-step path of a reused graph: same element type, contiguous, same size -> straight in.
+        if (array.dtype == _PLAIN_NUMPY.get(int(p.type)) and array.flags.c_contiguous
+                and array.nbytes == lib.ggml_nbytes(p)):
+            lib.ggml_backend_tensor_set(p, ffi.from_buffer(array), 0, array.nbytes)
+            return
         dt = t.dtype
         if not dt.is_quantized and dt != DType.BF16 and array.dtype == dt.numpy and array.flags.c_contiguous:
             data = array  # the per-step path of a reused graph: no conversion, no copy

@@ -35,13 +35,19 @@ class RuntimeOptions:
     flash_attention: bool = False
     fast_kernels: bool = False
     """ggml's fastest CPU kernels, whose results depend on the batch's shape: tiled and KV-split attention, tiled
-    K-quant matmuls, fused ops, repacked weights (GEMM for many rows, GEMV for few). Off (the default), the CPU runs
-    the one per-row kernel of each op, so a token's logits are bit-identical whatever else shares its batch:
+    K-quant matmuls, fused ops, repacked Q4_K weights (GEMM for many rows, GEMV for few). Off (the default), the CPU
+    runs kernels that compute each element the same way whatever the batch (ggml's per-row reference kernels, the
+    row kernels of ggml/row_matmul.py, the repacked Q4_0/IQ4_NL ones), so a token's logits are bit-identical
+    whatever else shares its batch:
     --parallel and the batch size never change a greedy or seeded text. Costs prefill speed, not decode
     (bench/generate.py, 2 threads: SmolLM2 Q4_1 -7% / -12% on 128 / 512-token prompts, Gemma 3 Q4_K_M -30% / -27%;
     a Q4_K GEMM runs at a third of the tiled kernel's speed)."""
     use_repack: bool = True
-    """With fast_kernels: keep Q4_0/Q4_K/IQ4_NL matmul weights in ggml's repacked CPU layout."""
+    """Keep matmul weights in ggml's repacked CPU layout (AVX2): Q4_0 and IQ4_NL always (their repacked kernels
+    are batch-invariant), Q4_K too with fast_kernels."""
+    row_matmul: bool = True
+    """Without fast_kernels: run Q4_1/Q8_0 mat-muls on the row kernels (ggml/row_matmul.py), which read each
+    weight block once for up to four columns and compute every element as ggml's reference kernel does."""
     rpc: tuple[str, ...] = ()
     """`host:port` of ggml rpc-servers: each is one more device for layer placement (see ggml/placement.py)."""
     adaptive_threads: bool = True
@@ -88,9 +94,11 @@ class Runtime:
         lib.ggml_backend_cpu_set_n_threads(self.cpu_backend, max(1, opts.threads))
         lib.ggml_backend_cpu_set_use_ref(self.cpu_backend, not opts.fast_kernels)
         self.cpu_buft = lib.ggml_backend_get_default_buffer_type(self.cpu_backend)
+        self.row_matmul = opts.row_matmul and not opts.fast_kernels
         # ggml's repack set_tensor dereferences the layout it picked, which exists for these types only with AVX2.
-        use_repack = opts.fast_kernels and opts.use_repack and bool(lib.ggml_cpu_has_avx2())
+        use_repack = opts.use_repack and bool(lib.ggml_cpu_has_avx2())
         self.repack_buft = self._find_repack_buft() if use_repack else None
+        self._repackable = _REPACKABLE if opts.fast_kernels else _REPACKABLE_INVARIANT
         self.gpus = self._init_gpus()
         self._log_ignored()
         self._failure: str | None = None
@@ -225,7 +233,7 @@ class Runtime:
         """
         if device >= 0:
             return self.devices[device].buft
-        if (for_matmul and len(shape) == 2 and self.repack_buft is not None and dtype_id in _REPACKABLE
+        if (for_matmul and len(shape) == 2 and self.repack_buft is not None and dtype_id in self._repackable
                 and shape[1] % 8 == 0):
             return self.repack_buft
         return self.cpu_buft
@@ -241,3 +249,7 @@ class Runtime:
 # Types ggml 0.25's CPU repack lays out on x86 with AVX2 (ggml-cpu/repack.cpp), when ne[1] % 8 == 0:
 # Q4_0, Q4_K, IQ4_NL. (Q8_0/Q5_K/Q6_K repack only on ARM; Q2_K needs AVX-512.)
 _REPACKABLE = frozenset({2, 12, 20})
+# Those whose repacked GEMV (few columns) and GEMM (4-column tiles) compute every element with the same operations:
+# Q4_0 and IQ4_NL, bit for bit over every batch size and thread count (tests/test_repack_invariance.py). Q4_K's
+# GEMV and GEMM differ in the last bits, so under batch invariance it stays in the plain layout.
+_REPACKABLE_INVARIANT = frozenset({2, 20})

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ggml import guards
+from ggml import guards, row_matmul
 from ggml._lib import CData, check, ffi, lib
 from ml.dtype import DType
 from ml.errors import GgmlError
@@ -200,7 +200,10 @@ class GgmlTensor:
     def matmul(self, ctx: Context, b: Tensor) -> Tensor:
         """self [k, m, ...] x b [k, n, ...] -> [m, n, ...] (numpy: b @ self.T); b broadcasts over dims 2 and 3."""
         guards.matmul(self.dtype, self.ne, b.dtype, _ne(b), _transposed(self))
-        return _c(ctx).wrap(lib.ggml_mul_mat(_c(ctx).c, self._ptr, _t(b)))
+        c = _c(ctx)
+        if c.runtime.row_matmul and row_matmul.usable(self._ptr, _t(b)):
+            return c.wrap(row_matmul.matmul(c.c, self._ptr, _t(b)))
+        return c.wrap(lib.ggml_mul_mat(c.c, self._ptr, _t(b)))
 
     def matmul_full(self, ctx: Context, b: Tensor) -> Tensor:
         """matmul with f32 accumulation requested (matters on GPUs that default to f16)."""

@@ -100,6 +100,18 @@ EMPTY = -1
 """Position of an empty cell."""
 
 
+_DECODE_FAST_MAX = 64  # batches up to this size with one token per sequence take ordered_free_cells' fast path
+_SMALL = 64  # arrays up to this size are checked in plain Python (cheaper than numpy's per-call cost)
+
+
+def _bounds(a: NDArray[Any]) -> tuple[int, int]:
+    """(min, max) of a non-empty integer array."""
+    if a.size <= _SMALL:
+        values = a.tolist()
+        return min(values), max(values)
+    return int(a.min()), int(a.max())
+
+
 def _batch_arrays(positions: ArrayLike, seqs: ArrayLike,
                   pos_dtype: type[np.int32] | type[np.int64]) -> tuple[NDArray[Any], NDArray[np.intp]]:
     """A batch's positions and sequence ids as arrays; raises ValueError unless both are 1-D of one length."""
@@ -227,6 +239,13 @@ class CellTable:
         n_free = int(np.count_nonzero(free))
         if n_free < pos.size:
             raise CacheFullError(f"need {pos.size} cells, only {n_free} of {self._capacity} free")
+        if pos.size <= _DECODE_FAST_MAX and len(set(seq.tolist())) == pos.size:
+            return self._one_cell_per_sequence(seq, free)
+        return self._cells_by_sequence(pos, seq, free)
+
+    def _cells_by_sequence(self, pos: NDArray[np.int32], seq: NDArray[np.intp],
+                           free: NDArray[np.bool_]) -> NDArray[np.int32] | None:
+        """ordered_free_cells, one sequence of the batch after the other (ascending ids)."""
         out = np.empty(pos.size, dtype=np.int32)
         for s in np.unique(seq):  # the sequences of one batch: a handful
             rows = np.flatnonzero(seq == s)
@@ -238,6 +257,26 @@ class CellTable:
                 return None
             out[rows] = cand
             free[cand] = False
+        return out
+
+    def _one_cell_per_sequence(self, seq: NDArray[np.intp], free: NDArray[np.bool_]) -> NDArray[np.int32] | None:
+        """ordered_free_cells for a decode step (each sequence once): the same cells, found with a fixed handful
+        of numpy calls instead of a handful per sequence. Sequences go in ascending id order, each taking the
+        lowest free cell above its last one that no earlier sequence of the batch took."""
+        order = np.argsort(seq, kind="stable")
+        held = self._member[seq[order], ::-1]  # reversed: argmax finds each sequence's last cell
+        floors = np.where(held.any(axis=1), self._capacity - held.argmax(axis=1), 0)
+        free_idx = np.flatnonzero(free)
+        starts = np.searchsorted(free_idx, floors).tolist()
+        out = np.empty(seq.size, dtype=np.int32)
+        taken: set[int] = set()
+        for row, i in zip(order.tolist(), starts):
+            while i in taken:
+                i += 1
+            if i >= free_idx.size:
+                return None
+            taken.add(i)
+            out[row] = free_idx[i]
         return out
 
     def find_slot(self, n: int) -> int | None:
@@ -316,13 +355,14 @@ class CellTable:
             idx = np.asarray(cells, dtype=np.intp)
             if idx.shape != pos.shape:
                 raise ValueError(f"cells {idx.shape} must match positions {pos.shape}")
-            if np.unique(idx).size != n:
+            if (len(set(idx.tolist())) if n <= _SMALL else np.unique(idx).size) != n:
                 raise ValueError("duplicate cell indices")
         if n == 0:
             return idx.astype(np.int32)
-        if idx.min() < 0 or idx.max() >= self._capacity:
+        lo, hi = _bounds(idx)
+        if lo < 0 or hi >= self._capacity:
             raise ValueError(f"cell indices outside [0, {self._capacity})")
-        if pos.min() < 0:
+        if _bounds(pos)[0] < 0:
             raise ValueError("positions must be >= 0")
         self._check_seqs(seq)
         busy = idx[self._pos[idx] >= 0]
@@ -528,10 +568,16 @@ class CellTable:
         if seq.size == 0:
             return np.empty(0, dtype=np.int32)
         self._check_seqs(seq)
-        lowest = np.full(self._max_sequences, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(lowest, seq, pos)
-        rows = np.unique(seq)
-        threshold = lowest[rows] - window  # int64: no underflow
+        if len(set(seq.tolist())) == seq.size:  # one token per sequence (a decode step): its position is lowest
+            rows, threshold = seq, pos - window
+        else:
+            lowest = np.full(self._max_sequences, np.iinfo(np.int64).max, dtype=np.int64)
+            np.minimum.at(lowest, seq, pos)
+            rows = np.unique(seq)
+            threshold = lowest[rows] - window  # int64: no underflow
+        if int(threshold.max()) <= 0:  # no position lies below: nothing to drop (the early steps of a sequence)
+            self._version += 1
+            return np.empty(0, dtype=np.int32)
         drop = self._member[rows] & (self._pos[np.newaxis, :] < threshold[:, np.newaxis])
         touched = np.flatnonzero(drop.any(axis=0))
         self._member[rows] &= ~drop
@@ -552,8 +598,10 @@ class CellTable:
             raise ValueError(f"sequence id {seq} outside [0, {self._max_sequences})")
 
     def _check_seqs(self, seqs: NDArray[np.intp]) -> None:
-        if seqs.size and (seqs.min() < 0 or seqs.max() >= self._max_sequences):
-            raise ValueError(f"sequence ids outside [0, {self._max_sequences})")
+        if seqs.size:
+            lo, hi = _bounds(seqs)
+            if lo < 0 or hi >= self._max_sequences:
+                raise ValueError(f"sequence ids outside [0, {self._max_sequences})")
 
     @staticmethod
     def _check_count(n: int) -> None:

@@ -508,3 +508,31 @@ def test_sliding_window_cache_size_suffices() -> None:
         for s, p in zip(seq, pos):
             nxt[s] = max(nxt[s], int(p) + 1)
         assert t.can_resume(0, nxt[0], window)
+
+
+def test_ordered_free_cells_decode_path_matches_the_general_one() -> None:
+    """A decode step (one token per sequence) takes a vectorised path; it must pick the cells the per-sequence
+    loop picks, on random tables (shared cells, holes, full ones)."""
+    g = np.random.default_rng(11)
+    compared = 0
+    for _ in range(400):
+        cap, n_seq = int(g.integers(2, 40)), int(g.integers(1, 6))
+        t = CellTable(cap, n_seq)
+        for c in g.choice(cap, size=int(g.integers(0, cap + 1)), replace=False):
+            t.store([int(c)], [int(g.integers(0, 50))], [int(g.integers(0, n_seq))])
+        if n_seq > 1 and g.random() < 0.3:
+            t.copy_prefix(0, 1, 25)  # cells held by two sequences
+        k = int(g.integers(1, n_seq + 1))
+        seqs = g.permutation(n_seq)[:k].astype(np.intp)
+        pos = g.integers(0, 100, k).astype(np.int32)
+        free = np.asarray(t.positions) < 0
+        if int(free.sum()) < k:
+            continue
+        fast = t._one_cell_per_sequence(seqs, free.copy())
+        slow = t._cells_by_sequence(pos, seqs, free.copy())
+        assert (fast is None) == (slow is None)
+        if fast is not None and slow is not None:
+            assert fast.tolist() == slow.tolist()
+            compared += 1
+        assert t.ordered_free_cells(pos, seqs) is None if slow is None else True
+    assert compared > 200

@@ -1,0 +1,229 @@
+/* Batch-invariant quantized mat-mul for the CPU: weights in the outer loop, up to four activation columns inside.
+
+   ggml's reference mat-mul calls the weight type's vec_dot once per (weight row, column): every column pays again
+   for unpacking the weight block, converting its fp16 scales and the loop around them, so decoding four sequences
+   costs about four times one. These kernels unpack a weight block once and use it for up to four columns, and
+   convert the activations' scales once per call instead of once per weight row. Each output element is still
+   computed with the float operations of ggml's AVX2 vec_dot, in the same order (8-lane fma accumulation over the
+   blocks, the same horizontal sum, for Q4_1 the same fused m*s sum), and the integer block dots are exact, so an
+   element's bits depend neither on how many columns share the batch nor on how the rows are split between
+   threads; on an AVX2 build of ggml they also equal ggml's own reference kernel (tests/test_row_matmul.py).
+
+   The activations arrive already quantized by a ggml_cast to the weight type's vec_dot type (Q8_1 for Q4_1,
+   Q8_0 for Q8_0): the cast is ggml's own per-row quantizer, the one its mat-mul uses. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PYR_QK 32
+#define PYR_ROWS_PER_CHUNK 64
+#define PYR_MAX_COLS 4
+#define PYR_MAX_BLOCKS 2048  /* rows of up to 65536 weights; longer ones stay with ggml_mul_mat */
+
+typedef struct { uint16_t d, m; uint8_t qs[PYR_QK / 2]; } pyr_block_q4_1;
+typedef struct { uint16_t d; int8_t qs[PYR_QK]; } pyr_block_q8_0;
+typedef struct { uint16_t d, s; int8_t qs[PYR_QK]; } pyr_block_q8_1;
+
+#define PYR_TARGET __attribute__((target("avx2,fma,f16c")))
+#define PYR_INLINE PYR_TARGET static inline __attribute__((always_inline))
+
+PYR_INLINE float pyr_half(uint16_t h) {
+    return _cvtsh_ss(h);  /* exact, as ggml's table lookup */
+}
+
+/* ggml's hsum_float_8: high half plus low half, then pairs, then the last two lanes. */
+PYR_INLINE float pyr_hsum8(__m256 a) {
+    __m128 r = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
+    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+    r = _mm_add_ss(r, _mm_movehdup_ps(r));
+    return _mm_cvtss_f32(r);
+}
+
+/* Sums of four adjacent u8*s8 products as floats; exact (no pair can reach the int16 limit for these operands:
+   Q4_1 nibbles are at most 15, and ggml's Q8 quantizer never writes -128). */
+PYR_INLINE __m256 pyr_dot_us8(__m256i ux, __m256i sy) {
+    const __m256i pairs = _mm256_maddubs_epi16(ux, sy);
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+#define PYR_MAX_ROWS 2
+
+/* NR weight rows from r (Q4_1) times NC Q8_1 columns; NR*NC independent accumulators hide the fma latency. The
+   columns' scales come pre-converted, four per block (yd/ys[block * 4 + c]): d0*d1 is a product of two broadcasts
+   (each lane is the scalar product ggml broadcasts) and the m*s sums of the four columns run side by side, one
+   fma per lane per block, as ggml's scalar fma. */
+PYR_INLINE void pyr_q4_1_tile(const char * w, size_t w_row, int64_t r, int nb, const pyr_block_q8_1 * const * y,
+                              const float * yd, const float * ys, float * const * out, const int nr, const int nc) {
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    const pyr_block_q4_1 * x[PYR_MAX_ROWS];
+    __m256 acc[PYR_MAX_ROWS][PYR_MAX_COLS];
+    __m128 summs[PYR_MAX_ROWS];
+    for (int i = 0; i < nr; ++i) {
+        x[i] = (const pyr_block_q4_1 *) (w + (r + i) * w_row);
+        summs[i] = _mm_setzero_ps();
+        for (int c = 0; c < nc; ++c) {
+            acc[i][c] = _mm256_setzero_ps();
+        }
+    }
+    for (int ib = 0; ib < nb; ++ib) {
+        const __m128 ysv = _mm_loadu_ps(ys + ib * 4);
+        __m256 d0[PYR_MAX_ROWS];
+        __m256i qx[PYR_MAX_ROWS];
+        for (int i = 0; i < nr; ++i) {
+            d0[i] = _mm256_set1_ps(pyr_half(x[i][ib].d));
+            summs[i] = _mm_fmadd_ps(_mm_set1_ps(pyr_half(x[i][ib].m)), ysv, summs[i]);
+            const __m128i packed = _mm_loadu_si128((const __m128i *) x[i][ib].qs);
+            qx[i] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+        }
+        for (int c = 0; c < nc; ++c) {
+            const __m256 d1 = _mm256_broadcast_ss(yd + ib * 4 + c);
+            const __m256i qy = _mm256_loadu_si256((const __m256i *) y[c][ib].qs);
+            for (int i = 0; i < nr; ++i) {
+                acc[i][c] = _mm256_fmadd_ps(_mm256_mul_ps(d0[i], d1), pyr_dot_us8(qx[i], qy), acc[i][c]);
+            }
+        }
+    }
+    for (int i = 0; i < nr; ++i) {
+        float s[4];
+        _mm_storeu_ps(s, summs[i]);
+        for (int c = 0; c < nc; ++c) {
+            out[c][r + i] = pyr_hsum8(acc[i][c]) + s[c];
+        }
+    }
+}
+
+/* NR weight rows from r (Q8_0) times NC Q8_0 columns (scales pre-converted as for Q4_1). */
+PYR_INLINE void pyr_q8_0_tile(const char * w, size_t w_row, int64_t r, int nb, const pyr_block_q8_0 * const * y,
+                              const float * yd, float * const * out, const int nr, const int nc) {
+    const pyr_block_q8_0 * x[PYR_MAX_ROWS];
+    __m256 acc[PYR_MAX_ROWS][PYR_MAX_COLS];
+    for (int i = 0; i < nr; ++i) {
+        x[i] = (const pyr_block_q8_0 *) (w + (r + i) * w_row);
+        for (int c = 0; c < nc; ++c) {
+            acc[i][c] = _mm256_setzero_ps();
+        }
+    }
+    for (int ib = 0; ib < nb; ++ib) {
+        __m256 d0[PYR_MAX_ROWS];
+        __m256i qx[PYR_MAX_ROWS], ax[PYR_MAX_ROWS];
+        for (int i = 0; i < nr; ++i) {
+            d0[i] = _mm256_set1_ps(pyr_half(x[i][ib].d));
+            qx[i] = _mm256_loadu_si256((const __m256i *) x[i][ib].qs);
+            ax[i] = _mm256_sign_epi8(qx[i], qx[i]);
+        }
+        for (int c = 0; c < nc; ++c) {
+            const __m256 d1 = _mm256_broadcast_ss(yd + ib * 4 + c);
+            const __m256i qy = _mm256_loadu_si256((const __m256i *) y[c][ib].qs);
+            for (int i = 0; i < nr; ++i) {
+                acc[i][c] = _mm256_fmadd_ps(_mm256_mul_ps(d0[i], d1),
+                                            pyr_dot_us8(ax[i], _mm256_sign_epi8(qy, qx[i])), acc[i][c]);
+            }
+        }
+    }
+    for (int i = 0; i < nr; ++i) {
+        for (int c = 0; c < nc; ++c) {
+            out[c][r + i] = pyr_hsum8(acc[i][c]);
+        }
+    }
+}
+
+/* Rows [r0, r1) times NC columns, NR rows at a time, then single rows. Q4_1 is compute-bound and gains from two
+   rows sharing each column's loads; Q8_0 rows stream from memory, where two interleaved rows measured slower. */
+#define PYR_ROWS(NAME, TILE, YT, NR, ...)                                                                         \
+    PYR_INLINE void NAME(const char * w, size_t w_row, int64_t r0, int64_t r1, int nb, const YT * const * y,       \
+                         const float * yd, const float * ys, float * const * out, const int nc) {                  \
+        (void) ys;                                                                                                 \
+        int64_t r = r0;                                                                                            \
+        for (; r + (NR) <= r1; r += (NR)) TILE(w, w_row, r, nb, y, yd, __VA_ARGS__ out, NR, nc);                   \
+        for (; r < r1; ++r) TILE(w, w_row, r, nb, y, yd, __VA_ARGS__ out, 1, nc);                                  \
+    }
+PYR_ROWS(pyr_q4_1_rows, pyr_q4_1_tile, pyr_block_q8_1, (nc == 1 ? 1 : 2), ys,)
+PYR_ROWS(pyr_q8_0_rows, pyr_q8_0_tile, pyr_block_q8_0, 1)
+
+/* One column tile (1..4 columns) over rows [r0, r1); the switch gives each column count its own unrolled loop. */
+PYR_TARGET static void pyr_tile(enum ggml_type type, const char * w, size_t w_row, int64_t r0, int64_t r1, int nb,
+                                const void * const * y, const float * yd, const float * ys, float * const * out,
+                                int nc) {
+    if (type == GGML_TYPE_Q4_1) {
+        const pyr_block_q8_1 * const * yq = (const pyr_block_q8_1 * const *) y;
+        switch (nc) {
+            case 1: pyr_q4_1_rows(w, w_row, r0, r1, nb, yq, yd, ys, out, 1); break;
+            case 2: pyr_q4_1_rows(w, w_row, r0, r1, nb, yq, yd, ys, out, 2); break;
+            case 3: pyr_q4_1_rows(w, w_row, r0, r1, nb, yq, yd, ys, out, 3); break;
+            default: pyr_q4_1_rows(w, w_row, r0, r1, nb, yq, yd, ys, out, 4); break;
+        }
+    } else {
+        const pyr_block_q8_0 * const * yq = (const pyr_block_q8_0 * const *) y;
+        switch (nc) {
+            case 1: pyr_q8_0_rows(w, w_row, r0, r1, nb, yq, yd, ys, out, 1); break;
+            case 2: pyr_q8_0_rows(w, w_row, r0, r1, nb, yq, yd, ys, out, 2); break;
+            case 3: pyr_q8_0_rows(w, w_row, r0, r1, nb, yq, yd, ys, out, 3); break;
+            default: pyr_q8_0_rows(w, w_row, r0, r1, nb, yq, yd, ys, out, 4); break;
+        }
+    }
+}
+
+/* The custom op: dst [M, N] f32 = src[0] [K, M] weights x src[1] [K, N] quantized activations. Thread ith takes
+   an equal share of the weight rows (a multiple of 2 rows), in chunks of PYR_ROWS_PER_CHUNK rows whose weights
+   stay in cache across the column tiles; no two threads write the same element, and no element's arithmetic
+   depends on the split. */
+PYR_TARGET static void pyr_row_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    const struct ggml_tensor * w = dst->src[0];
+    const struct ggml_tensor * x = dst->src[1];
+    const int64_t m = w->ne[1], n = x->ne[1];
+    const int nb = (int) (w->ne[0] / PYR_QK);
+    const int is_q8_1 = x->type == GGML_TYPE_Q8_1;  /* Q8_1 activations: a Q4_1 weight */
+    float scales[2 * PYR_MAX_COLS * PYR_MAX_BLOCKS];  /* 64 KB; Python's row_matmul.usable bounds nb */
+    memset(scales, 0, sizeof(float) * 2 * PYR_MAX_COLS * (size_t) nb);  /* the lanes of absent columns */
+    float * yd = scales;
+    float * ys = scales + PYR_MAX_COLS * nb;
+    const int64_t pairs = (m + 1) / 2;
+    const int64_t first = 2 * (pairs * ith / nth);
+    const int64_t last = ith + 1 == nth ? m : 2 * (pairs * (ith + 1) / nth);
+    for (int64_t r0 = first; r0 < last; r0 += PYR_ROWS_PER_CHUNK) {
+        const int64_t r1 = r0 + PYR_ROWS_PER_CHUNK < last ? r0 + PYR_ROWS_PER_CHUNK : last;
+        for (int64_t c0 = 0; c0 < n; c0 += PYR_MAX_COLS) {
+            const int nc = (int) (n - c0 < PYR_MAX_COLS ? n - c0 : PYR_MAX_COLS);
+            const void * cols[PYR_MAX_COLS];
+            float * out[PYR_MAX_COLS];
+            for (int c = 0; c < nc; ++c) {
+                const char * col = (const char *) x->data + (c0 + c) * x->nb[1];
+                cols[c] = col;
+                out[c] = (float *) ((char *) dst->data + (c0 + c) * dst->nb[1]);
+                for (int ib = 0; ib < nb; ++ib) {
+                    if (is_q8_1) {
+                        const pyr_block_q8_1 * b = (const pyr_block_q8_1 *) col + ib;
+                        yd[ib * PYR_MAX_COLS + c] = pyr_half(b->d);
+                        ys[ib * PYR_MAX_COLS + c] = pyr_half(b->s);
+                    } else {
+                        yd[ib * PYR_MAX_COLS + c] = pyr_half(((const pyr_block_q8_0 *) col + ib)->d);
+                    }
+                }
+            }
+            pyr_tile(w->type, (const char *) w->data, w->nb[1], r0, r1, nb, cols, yd, ys, out, nc);
+        }
+    }
+}
+
+/* The longest weight row (in elements) the kernels take. */
+int64_t pyrunner_row_matmul_max_k(void) {
+    return (int64_t) PYR_MAX_BLOCKS * PYR_QK;
+}
+
+/* Whether this CPU runs these kernels, and for which weight types. */
+int pyrunner_row_matmul_supports(enum ggml_type type) {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) {
+        return 0;
+    }
+    return type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q8_0;
+}
+
+/* w [K, M] (2-D, contiguous, a supported type) x b [K, N] f32 (contiguous) -> [M, N] f32. */
+struct ggml_tensor * pyrunner_row_matmul(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * b) {
+    const enum ggml_type vec_type = w->type == GGML_TYPE_Q4_1 ? GGML_TYPE_Q8_1 : GGML_TYPE_Q8_0;
+    struct ggml_tensor * args[2] = { w, ggml_cast(ctx, b, vec_type) };
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], b->ne[1], 1, 1, args, 2, pyr_row_matmul, GGML_N_TASKS_MAX,
+                          NULL);
+}

@@ -1,0 +1,38 @@
+"""When a mat-mul runs on the row kernels of ggml/row_matmul.c instead of ggml_mul_mat.
+
+Those kernels read each weight block once for up to four activation columns, where ggml's reference mat-mul
+re-reads and re-unpacks it per column; every output element gets the float operations of ggml's own vec_dot, so
+results stay batch-invariant (and equal ggml's on an AVX2 build). They serve 2-D Q4_1 and Q8_0 weights in host
+memory, times contiguous f32 activations, on a CPU with AVX2/FMA/F16C; anything else goes to ggml_mul_mat.
+"""
+from __future__ import annotations
+
+from functools import cache
+
+from ggml._lib import CData, ffi, lib
+
+
+@cache
+def _supported(ggml_type: int) -> bool:
+    return bool(lib.pyrunner_row_matmul_supports(ggml_type))
+
+
+@cache
+def _max_k() -> int:
+    return int(lib.pyrunner_row_matmul_max_k())
+
+
+def usable(w: CData, b: CData) -> bool:
+    """Whether w [K, M] x b [K, ...] can run on the row kernels (the caller checked the runtime allows them)."""
+    return (_supported(int(w.type)) and int(b.type) == lib.GGML_TYPE_F32 and int(w.ne[0]) <= _max_k()
+            and int(w.ne[2]) == 1 and int(w.ne[3]) == 1
+            and bool(lib.ggml_is_contiguous(w)) and bool(lib.ggml_is_contiguous(b))
+            and w.buffer != ffi.NULL and bool(lib.ggml_backend_buffer_is_host(w.buffer)))
+
+
+def matmul(ctx: CData, w: CData, b: CData) -> CData:
+    """w [K, M] x b [K, n1, n2, n3] -> [M, n1, n2, n3] f32 through the row kernels (see `usable`)."""
+    n1, n2, n3 = int(b.ne[1]), int(b.ne[2]), int(b.ne[3])
+    flat = b if n2 == 1 and n3 == 1 else lib.ggml_reshape_4d(ctx, b, int(b.ne[0]), n1 * n2 * n3, 1, 1)
+    out = lib.pyrunner_row_matmul(ctx, w, flat)
+    return out if flat is b else lib.ggml_reshape_4d(ctx, out, int(w.ne[1]), n1, n2, n3)
