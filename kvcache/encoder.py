@@ -63,6 +63,8 @@ class EncoderCache:
         self._check_seq(seq)
         if self.encoder_cached and begin <= self.encoder_pos and (end is None or self.encoder_pos < end):
             self.encoder_cached = False
+        elif end is not None and self.encoder_pos >= end:  # a context shift moves the image down with its row
+            self.encoder_pos -= end - begin
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         self._check_seq(src)
