@@ -97,6 +97,15 @@ def test_removing_the_image_position_invalidates(backend: Any, begin: int, end: 
     assert cache.encoder_cached is stays
 
 
+@pytest.mark.parametrize("begin,end,pos", [(0, 5, 6), (0, 11, 0), (3, 4, 10), (12, 20, 11)])
+def test_a_shift_below_the_image_moves_its_position(backend: Any, begin: int, end: int, pos: int) -> None:
+    """Removing positions below the image shifts it down with its row (a context shift): still cached."""
+    cache = new_cache(backend)
+    run(backend, cache, image_batch([10, 11, 12], image_index=1), enc_kv(4, seed=3))
+    cache.remove(0, begin, end)
+    assert cache.encoder_cached and cache.encoder_pos == pos
+
+
 def test_copy_prefix_and_sequences(backend: Any) -> None:
     cache = new_cache(backend)
     run(backend, cache, image_batch([0, 1, 2], image_index=2), enc_kv(4, seed=4))

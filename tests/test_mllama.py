@@ -177,6 +177,23 @@ def test_the_image_is_encoded_once_and_read_from_the_encoder_cache(
     assert model.images_encoded == runs + 1
 
 
+@pytest.mark.parametrize("flash", [False, True], ids=["f16-cache", "f16-cache-flash"])
+def test_f16_cache_and_flash_attention(loaded: tuple[Any, Any, dict[str, np.ndarray]], flash: bool) -> None:
+    """The runner's default F16 K/V (and ggml's fused attention, which the cross-attention layers use too): f16
+    rounding of keys and values, hence the looser bound of the other tiny models' F16 test."""
+    backend, model, w = loaded
+    img = image(6, 3, 7)
+    try:
+        cache = model.new_cache(flash=flash)
+        cache.init(backend, DType.F16, 1, 64, 32)
+        got = logits(backend, model, with_image(PROMPT, 0, img), cache)
+        step = logits(backend, model, Batch.single([9], len(PROMPT)), cache)
+    finally:
+        model.new_cache()  # the model's attention path back to the unfused default
+    want = ref.text_logits(TEXT, w, PROMPT + [9], reference_states(w, img), IMAGE_AT)
+    assert rel_err(np.concatenate([got, step]), want) < 5e-3
+
+
 @pytest.mark.parametrize("split", [1, 2, 3, 5])
 def test_batching_does_not_change_the_logits(loaded: tuple[Any, Any, dict[str, np.ndarray]], split: int) -> None:
     """The prompt in two forwards (the image in the first or the second) gives the logits of one forward (to the
