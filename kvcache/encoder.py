@@ -4,7 +4,8 @@ The keys and values do not depend on the decoder's positions, so there are no ce
 `get` returns the stored tensors and None for the mask (every entry is visible to every token). What the cache
 remembers is *where* the encoder input sat in the sequence: removing that position (`remove(seq, begin, end)`
 with `begin <= pos < end`) invalidates the cached K/V, and the model must run the encoder again
-(`encoder_cached` tells it).
+(`encoder_cached` tells it); removing a finite range below it (a context shift) moves the position down with the
+rows after the range.
 
 Which position produced the K/V: a batch may carry `multimodal`, a sequence of the batch indices of its
 encoder inputs (ints, or objects with an `index` attribute, as Ollama's `input.MultimodalIndex`); the cache
