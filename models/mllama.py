@@ -10,8 +10,10 @@ tanh(cross_attn_attn_gate) and added; then the SwiGLU MLP scaled by tanh(cross_a
 The image enters the sequence as one input, carried by an `<|image|>` token (runner.images); the forward that sees
 that row runs the tower and projector and puts each cross-attention layer's keys and values into the encoder cache
 (kvcache.encoder); later forwards, and later requests whose cached prefix holds the same image, read them from
-there. Rows before the image in its sequence do not see it (Hugging Face's cross-attention mask: text attends to
-the image from its `<|image|>` token on), so a row's result does not depend on how the prompt was batched. A
+there. Rows before the image in its sequence do not see it (the processor's cross-attention mask: text attends to
+the image from its `<|image|>` token on); they get neither the attention nor the MLP part of the layer, as Meta's
+reference masks both (Hugging Face's port zeroes only the MLP part of such rows; Ollama lets every row of the
+image's batch see it). So a row's result does not depend on how the prompt was batched. A
 sequence without an image skips the cross-attention layers, as Ollama does. The encoder cache holds one image, so
 the model serves one sequence at a time (`max_parallel`; Ollama forces --parallel 1 for mllama).
 """
