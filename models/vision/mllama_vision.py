@@ -105,8 +105,8 @@ class MllamaVisionParams:
             problems.append(f"embedding_length {self.n_embd} is not a multiple of head_count {self.n_head}")
         elif self.image_size <= 0 or self.image_size % self.patch_size:
             problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.max_tiles > 16:
-            problems.append(f"max_num_tiles {self.max_tiles} (at most 16)")
+        if self.max_tiles > 16 or self.image_size > 4096:  # a request's tiles are max_tiles * 3 * image_size^2 floats
+            problems.append(f"max_num_tiles {self.max_tiles} or image_size {self.image_size} (at most 16 and 4096)")
         if any(not 0 <= i < self.n_layer for i in self.intermediate) or len(set(self.intermediate)) != len(
                 self.intermediate):
             problems.append(f"intermediate_layers_indices {list(self.intermediate)} for {self.n_layer} layers")
