@@ -49,8 +49,8 @@ def main() -> None:
     def norm() -> LayerNorm:
         return LayerNorm(weight=ctx.from_numpy(np.ones(d, np.float32)), bias=ctx.from_numpy(np.zeros(d, np.float32)))
 
-    layer = VisionLayer(attn_norm=norm(), attn_q=lin(d, d), attn_k=lin(d, d), attn_v=lin(d, d), attn_output=lin(d, d),
-                        ffn_norm=norm(), ffn_up=lin(d, ff), ffn_down=lin(ff, d))
+    layer = VisionLayer(attn_norm=norm(), attn_q=lin(d, d), attn_k=lin(d, d), attn_v=lin(d, d),
+                        attn_output=lin(d, d), ffn_norm=norm(), ffn_up=lin(d, ff), ffn_down=lin(ff, d))
     params = MllamaVisionParams(d, heads, 1, 1, ff, 560, 14, 4, 1e-5, (), d)
     out = layer.forward(ctx, ctx.from_numpy(rng.standard_normal((n, d)).astype(np.float32)), params)
     graph = ctx.forward(out)

@@ -124,7 +124,8 @@ def text_logits(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int], sta
                 k = rms_norm(k, W[p + "cross_attn_k_norm.weight"], s.eps)
             a = _full_attention(q, k, v, 1.0 / math.sqrt(s.head_dim)) @ W[p + "cross_attn_o_proj.weight"].T
             seen = np.ones((n, 1)) if "all_rows" in off else (pos >= image_pos).astype(np.float64)[:, None]
-            g_attn = W[p + "cross_attn_attn_gate"][0] if "no_tanh" in off else math.tanh(W[p + "cross_attn_attn_gate"][0])
+            gate = W[p + "cross_attn_attn_gate"][0]
+            g_attn = gate if "no_tanh" in off else math.tanh(gate)
             x = x + g_attn * a * seen
             h = rms_norm(x, W[p + "ffn_norm.weight"], s.eps)
             m = (silu(h @ W[p + "ffn_gate.weight"].T) * (h @ W[p + "ffn_up.weight"].T)) @ W[p + "ffn_down.weight"].T

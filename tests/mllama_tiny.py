@@ -87,7 +87,8 @@ def make_text_weights(spec: TinySpec = TEXT, seed: int = 0) -> dict[str, np.ndar
     return w
 
 
-def make_vision_weights(vs: MllamaVisionSpec = VS, n_text_embd: int = TEXT.n_embd, seed: int = 1) -> dict[str, np.ndarray]:
+def make_vision_weights(vs: MllamaVisionSpec = VS, n_text_embd: int = TEXT.n_embd,
+                        seed: int = 1) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     d, ps, t = vs.n_embd, vs.patch_size, vs.max_tiles
 

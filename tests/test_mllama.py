@@ -115,8 +115,7 @@ def test_tower_and_projector_match_reference(loaded: tuple[Any, Any, dict[str, n
     want = reference_states(w, img)
     assert got.shape == want.shape == (n_tiles * VS.n_positions, TEXT.n_embd)
     assert rel_err(got, want) < TOL_GELU
-    offs = ["no_pre_tile", "no_tile_position", "no_padding", "no_gates"] + (["concat_layers"])
-    for off in offs:  # the comparison can tell each of these apart
+    for off in ("no_pre_tile", "no_tile_position", "no_padding", "no_gates", "concat_layers"):  # the comparison can tell each of these apart
         assert rel_err(got, reference_states(w, img, off)) > 20 * TOL_GELU, off
 
 

@@ -8,11 +8,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 import mllama_reference as ref
 from ml.dtype import DType
@@ -33,7 +31,6 @@ PROMPT = "the [img-0]<|image|> a the"
 def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("mllama-engine")
     out = {"vision": d / "mllama.gguf", "text": d / "mllama-text.gguf"}
-    out["weights"] = out["vision"]
     write_mllama(out["vision"])
     write_mllama(out["text"], vision=False)
     return out

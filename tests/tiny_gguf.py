@@ -139,8 +139,8 @@ def _vocab(spec: TinySpec, writer: gguf.GGUFWriter) -> None:
         tokens = (specials + chars + merged + [f"<extra_{i}>" for i in range(n)])[:n]
         if spec.image_tokens:  # mllama's: the last entry becomes <|image|>
             tokens[-1] = "<|image|>"
-        types = [gguf.TokenType.CONTROL if t in specials or t.startswith(("<extra", "<|image")) else gguf.TokenType.NORMAL
-                 for t in tokens]
+        control = [t in specials or t.startswith(("<extra", "<|image")) for t in tokens]
+        types = [gguf.TokenType.CONTROL if c else gguf.TokenType.NORMAL for c in control]
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
