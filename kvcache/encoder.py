@@ -93,6 +93,10 @@ class EncoderCache:
         """Store the encoder's k [head_dim_k, n_head_kv, n_enc], v [head_dim_v, n_head_kv, n_enc] whole."""
         if self._backend is None:
             raise RuntimeError("cache used before init()")
+        bs = self.dtype.block_size
+        if k.shape[0] % bs or v.shape[0] % bs:  # ggml would abort the process on the copy
+            raise NotSupportedError(f"a {self.dtype.name.lower()} KV cache needs head sizes that are multiples "
+                                    f"of {bs}, not {k.shape[0]}/{v.shape[0]}")
         if self._reserve:  # same work into scratch: a reserve graph leaves the cache as it was
             scratch = ctx.empty(self.dtype, *k.shape), ctx.empty(self.dtype, *v.shape)
             self._scratch[il] = scratch

@@ -168,3 +168,16 @@ def test_cross_attention_without_mask(backend: Any) -> None:
         p = np.exp(s - s.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         np.testing.assert_allclose(got[:, h, :], p @ v[:, h // group, :], rtol=0, atol=2e-3)
+
+
+def test_a_quantized_cache_refuses_heads_it_cannot_hold(backend: Any) -> None:
+    """ggml aborts the process when rows of 8 are copied into Q8_0 blocks of 32: the put refuses first."""
+    cache = new_cache(backend, DType.Q8_0, flash=True)
+    ctx = backend.new_context()
+    try:
+        cache.start_forward(ctx, batch_of([0], [0]))
+        k = ctx.from_numpy(np.zeros((3, 2, 8), np.float32))  # [head_dim 8, 2 heads, 3 tokens]
+        with pytest.raises(NotSupportedError, match="multiples of 32, not 8/8"):
+            cache.put(ctx, 0, k, k)
+    finally:
+        ctx.close()

@@ -256,3 +256,29 @@ def test_bad_files_fail_to_load(tmp_path: Path, edit: dict[str, Any], message: s
             load_model(backend, strict=True)
     finally:
         backend.close()
+
+
+def test_a_quantized_cache(tmp_path: Path) -> None:
+    """--cache-type q8_0 (with flash attention): the cross-attention keys and values are stored as Q8_0 too; the
+    error is that of the text-only model's Q8_0 cache (heads of 32, a multiple of the Q8_0 block)."""
+    import mllama_tiny as mt
+    from tiny_gguf import write_gguf
+    spec = TEXT.with_(head_dim=32, n_embd=128)
+    tensors = mt.make_text_weights(spec, 0)
+    tensors.update(mt.make_vision_weights(VS, spec.n_embd, 1))
+    kv = {"mllama.attention.cross_attention_layers": list(CROSS), "mllama.vocab_size": N_TEXT_VOCAB, **VS.kv()}
+    path = tmp_path / "mllama-32.gguf"
+    w = write_gguf(path, spec.with_(extra_kv=kv, write_vocab_size=False), tensors)
+    backend = load_backend(path, RuntimeOptions(threads=1))
+    try:
+        model = load_model(backend, strict=True)
+        img = image(7, 3, 7)
+        cache = model.new_cache(flash=True)
+        cache.init(backend, DType.Q8_0, 1, 64, 32)
+        got = logits(backend, model, with_image(PROMPT, 0, img), cache)
+        step = logits(backend, model, Batch.single([9], len(PROMPT)), cache)
+        want = ref.text_logits(spec, w, PROMPT + [9], reference_states(w, img), IMAGE_AT)
+        assert rel_err(np.concatenate([got, step]), want) < 3e-2
+        assert rel_err(np.concatenate([got, step]), ref.text_logits(spec, w, PROMPT + [9])) > 0.1
+    finally:
+        backend.close()
