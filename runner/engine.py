@@ -135,8 +135,8 @@ class Engine:
         self.parallel = max(1, parallel)
         limit = int(getattr(model, "max_parallel", 0))
         if limit and self.parallel > limit:  # mllama: its encoder cache holds one sequence's image
-            log.warning("%s serves %d sequence(s) at a time: --parallel %d reduced to %d (each of the %d gets the "
-                        "whole context)", type(model).__name__, limit, self.parallel, limit, limit)
+            log.warning("%s serves at most %d sequence(s) at a time (its encoder cache holds one image): --parallel "
+                        "%d reduced to %d", type(model).__name__, limit, self.parallel, limit)
             self.parallel = limit
         self.n_ctx_slot = max(1, n_ctx // self.parallel)
         self.n_batch = max(1, n_batch)
