@@ -4,7 +4,8 @@ The keys and values do not depend on the decoder's positions, so there are no ce
 `get` returns the stored tensors and None for the mask (every entry is visible to every token). What the cache
 remembers is *where* the encoder input sat in the sequence: removing that position (`remove(seq, begin, end)`
 with `begin <= pos < end`) invalidates the cached K/V, and the model must run the encoder again
-(`encoder_cached` tells it).
+(`encoder_cached` tells it); removing a finite range below it (a context shift) moves the position down with the
+rows after the range.
 
 Which position produced the K/V: a batch may carry `multimodal`, a sequence of the batch indices of its
 encoder inputs (ints, or objects with an `index` attribute, as Ollama's `input.MultimodalIndex`); the cache
@@ -63,6 +64,8 @@ class EncoderCache:
         self._check_seq(seq)
         if self.encoder_cached and begin <= self.encoder_pos and (end is None or self.encoder_pos < end):
             self.encoder_cached = False
+        elif end is not None and self.encoder_pos >= end:  # a context shift moves the image down with its row
+            self.encoder_pos -= end - begin
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
         self._check_seq(src)
@@ -90,6 +93,10 @@ class EncoderCache:
         """Store the encoder's k [head_dim_k, n_head_kv, n_enc], v [head_dim_v, n_head_kv, n_enc] whole."""
         if self._backend is None:
             raise RuntimeError("cache used before init()")
+        bs = self.dtype.block_size
+        if k.shape[0] % bs or v.shape[0] % bs:  # ggml would abort the process on the copy
+            raise NotSupportedError(f"a {self.dtype.name.lower()} KV cache needs head sizes that are multiples "
+                                    f"of {bs}, not {k.shape[0]}/{v.shape[0]}")
         if self._reserve:  # same work into scratch: a reserve graph leaves the cache as it was
             scratch = ctx.empty(self.dtype, *k.shape), ctx.empty(self.dtype, *v.shape)
             self._scratch[il] = scratch

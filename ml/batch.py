@@ -2,9 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+
+@dataclass(frozen=True, slots=True)
+class MultimodalInput:
+    """An input a model encodes itself during the forward (mllama: a tiled image whose cross-attention keys and
+    values go to the encoder cache), carried by the batch row `index`."""
+
+    index: int
+    data: Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,6 +27,8 @@ class Batch:
     tokens; their `tokens` entry is ignored), or None when every row is a token.
     spans: int32[n_tokens, 2], the first and last position a row sees regardless of the causal and window rules
     (an image's tokens see the whole image); None, or a row's own position twice, for none.
+    multimodal: inputs the model encodes in this forward, in batch order (the encoder cache records the position
+    of the last one's row).
     """
 
     tokens: npt.NDArray[np.int32]
@@ -26,6 +38,7 @@ class Batch:
     embeds: npt.NDArray[np.float32] | None = None
     is_embed: npt.NDArray[np.bool_] | None = None
     spans: npt.NDArray[np.int32] | None = None
+    multimodal: tuple[MultimodalInput, ...] = ()
 
     @property
     def n_tokens(self) -> int:

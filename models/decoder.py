@@ -254,11 +254,23 @@ class Decoder(Module):
             keep = (~batch.is_embed).astype(np.float32).reshape(-1, 1)
             x = x.mul(ctx, ctx.from_numpy(keep)).add(ctx, ctx.from_numpy(batch.embeds * (1.0 - keep)))
         q_scale = ctx.from_numpy(p.temperatures(batch.positions)) if p.attn_temp_scale else None
+        extra = self.layer_inputs(ctx, batch, cache)
         for il, block in enumerate(self.blk):
             last = il == p.n_layer - 1
-            x = block.forward(ctx, x, positions, outputs if last else None, cache, il, p, self.freq_factors(),
-                              self.flash, q_scale)
+            x = self.run_block(ctx, il, block, x, positions, outputs if last else None, cache, q_scale, extra)
         return self.output_norm.forward(ctx, x, p.eps)
+
+    def layer_inputs(self, ctx: Context, batch: Batch, cache: Cache) -> Any:
+        """Inputs some layers need besides the hidden state, made once per forward (mllama: the image's
+        cross-attention states); None for none."""
+        return None
+
+    def run_block(self, ctx: Context, il: int, block: Module, x: Tensor, positions: Tensor, outputs: Tensor | None,
+                  cache: Cache, q_scale: Tensor | None, extra: Any) -> Tensor:
+        """Layer il (a subclass whose layers differ in kind routes them here)."""
+        assert isinstance(block, Block)
+        return block.forward(ctx, x, positions, outputs, cache, il, self.params, self.freq_factors(), self.flash,
+                             q_scale)
 
     @property
     def can_embed(self) -> bool:

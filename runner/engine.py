@@ -137,6 +137,11 @@ class Engine:
                  stall_after_s: float = STALL_FLOOR_S) -> None:
         self.backend, self.model, self.tokenizer = backend, model, tokenizer
         self.parallel = max(1, parallel)
+        limit = int(getattr(model, "max_parallel", 0))
+        if limit and self.parallel > limit:  # mllama: its encoder cache holds one sequence's image
+            log.warning("%s serves at most %d sequence(s) at a time (its encoder cache holds one image): --parallel "
+                        "%d reduced to %d", type(model).__name__, limit, self.parallel, limit)
+            self.parallel = limit
         self.n_ctx_slot = max(1, n_ctx // self.parallel)
         self.n_batch = max(1, n_batch)
         self.multiuser = multiuser

@@ -70,8 +70,9 @@ class ForwardRunner:
 
     def logits(self, batch: Batch) -> npt.NDArray[np.float32]:
         inputs = self.cache.prepare(batch) if self.reuse else None
-        # a batch with image embeddings adds inputs of its own: never run through (or kept as) a reusable graph
-        key = (None if inputs is None or batch.embeds is not None
+        # a batch with image embeddings or inputs adds inputs of its own: never run through (or kept as) a reusable
+        # graph
+        key = (None if inputs is None or batch.embeds is not None or batch.multimodal
                else (batch.n_tokens, int(batch.outputs.size), inputs.key))
         kept = self._kept
         # Still allocated: the scheduler ran no other graph since (prepare's own defrag would be one).

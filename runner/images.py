@@ -1,8 +1,13 @@
 """A multimodal prompt as engine inputs: the prompt is split on its `[img-N]` markers (only for a model that can
-see), each image is decoded (models.vision.image) and encoded by the model into soft tokens, and the inputs become
-one list of ints: token ids, and for an image's rows negative ids derived from a hash of the image's bytes and the
-row's index (so the slot's prefix matching reuses the cache for the same image and not for another). The rows'
-embeddings travel with the sequence; `batch` turns a forward pass's inputs into a Batch with them.
+see), each image is decoded (models.vision.image) and prepared by the model, and the inputs become one list of
+ints: token ids, and for an image's rows negative ids derived from a hash of the image's bytes and the row's index
+(so the slot's prefix matching reuses the cache for the same image and not for another). The rows travel with the
+sequence; `batch` turns a forward pass's inputs into a Batch with them.
+
+Two kinds of model: one whose image is a run of soft tokens in the sequence (gemma3: encoded when the request is
+placed, the rows' embeddings replace token embeddings), and one whose image is a single input the model encodes
+in the forward that reaches it (mllama, `cross_attention_images`: an `<|image|>` token carrying the tiled image,
+which goes to the batch's `multimodal`; its cross-attention keys and values then live in the encoder cache).
 """
 from __future__ import annotations
 
@@ -15,18 +20,21 @@ import numpy as np
 import numpy.typing as npt
 
 from ml.backend import Backend
-from ml.batch import Batch
+from ml.batch import Batch, MultimodalInput
 from models.vision.image import ImageError, decode, preprocess, split_prompt
 from runner.protocol import CompletionRequest
 
 
 @dataclass(frozen=True)
 class ImageRow:
-    """One soft token of an image: its embedding, its index in the image and the image's length."""
+    """One row of an image: its soft token's embedding (None for an image the model encodes in the forward: then
+    the row is the token `token` carrying `encoder_input`), its index in the image and the image's length."""
 
-    embedding: npt.NDArray[np.float32]
+    embedding: npt.NDArray[np.float32] | None
     index: int
     length: int
+    token: int = 0
+    encoder_input: Any = None
 
 
 def can_see(model: Any) -> bool:
@@ -48,6 +56,8 @@ def prompt_inputs(model: Any, backend: Backend, tokenizer: Any,
         ValueError: "failed to process inputs: ..." (an unknown marker, an image that does not decode or encode),
             the Go runner's wording.
     """
+    if getattr(model, "cross_attention_images", False):
+        return _carried_inputs(model, tokenizer, *_split(req))
     tokens: list[int] = []
     rows: dict[int, ImageRow] = {}
     for part in _layout(tokenizer, req):
@@ -73,6 +83,8 @@ def prompt_length(model: Any, tokenizer: Any, req: CompletionRequest) -> int:
     Raises:
         ValueError: as prompt_inputs.
     """
+    if getattr(model, "cross_attention_images", False):
+        return len(_carried_inputs(model, tokenizer, *_split(req))[0])
     n = 0
     for part in _layout(tokenizer, req):
         if isinstance(part, list):
@@ -86,13 +98,18 @@ def prompt_length(model: Any, tokenizer: Any, req: CompletionRequest) -> int:
     return n
 
 
-def _layout(tokenizer: Any, req: CompletionRequest) -> list[list[int] | bytes]:
-    """The prompt as runs of token ids and image files, in order."""
+def _split(req: CompletionRequest) -> tuple[dict[int, bytes], list[str | int]]:
+    """The request's images by id, and its prompt as text and image ids in order."""
     images = {im.id: im.data for im in req.images}
     try:
-        parts = split_prompt(req.prompt, list(images))
+        return images, list(split_prompt(req.prompt, list(images)))
     except ImageError as e:
         raise ValueError(f"failed to process inputs: {e}") from None
+
+
+def _layout(tokenizer: Any, req: CompletionRequest) -> list[list[int] | bytes]:
+    """The prompt as runs of token ids and image files, in order."""
+    images, parts = _split(req)
     first = parts[0] if parts and isinstance(parts[0], str) else ""
     out: list[list[int] | bytes] = [tokenizer.encode(first, add_special=True, parse_special=True)]
     for part in parts[1:] if first else parts:
@@ -103,6 +120,40 @@ def _layout(tokenizer: Any, req: CompletionRequest) -> list[list[int] | bytes]:
         out.append(images[part])
         out.append(tokenizer.encode("<end_of_image>\n\n", add_special=False, parse_special=True))
     return out
+
+
+def _carried_inputs(model: Any, tokenizer: Any, images: Mapping[int, bytes],
+                    parts: Sequence[str | int]) -> tuple[list[int], dict[int, ImageRow]]:
+    """mllama's layout: the image is one input, an `<|image|>` token that carries the tiled image (Hugging Face's
+    processor puts that token where the image goes). Ollama's server writes `[img-N]<|image|>`: that token is the
+    carrier; after a bare marker one is put in. The encoder cache holds one image, so a prompt may have one."""
+    n_images = sum(1 for part in parts if isinstance(part, int))
+    if n_images > 1:
+        raise ValueError(f"failed to process inputs: this model takes one image per request, not {n_images}")
+    image_token = int(model.image_token)
+    tokens: list[int] = []
+    rows: dict[int, ImageRow] = {}
+    after_image = False
+    for i, part in enumerate(parts):
+        if isinstance(part, int):
+            data = images[part]
+            try:
+                tiled = model.prepare_image(data)
+            except ImageError as e:
+                raise ValueError(f"failed to process inputs: {e}") from None
+            if i == 0:
+                tokens += tokenizer.encode("", add_special=True, parse_special=True)  # BOS
+            rid = row_id(hashlib.blake2b(data, digest_size=16).digest(), 0)
+            rows[rid] = ImageRow(None, 0, 1, token=image_token, encoder_input=tiled)
+            tokens.append(rid)
+            after_image = True
+            continue
+        ids = tokenizer.encode(part, add_special=i == 0, parse_special=True)
+        if after_image and ids and ids[0] == image_token:  # the server's <|image|>: the carrier stands for it
+            ids = ids[1:]
+        tokens += ids
+        after_image = False
+    return tokens, rows
 
 
 def _encode(model: Any, backend: Backend, data: bytes) -> npt.NDArray[np.float32]:
@@ -127,16 +178,28 @@ def batch(inputs: Sequence[int], positions: npt.NDArray[np.int32], seqs: npt.NDA
           outputs: npt.NDArray[np.int32], rows: Mapping[int, ImageRow]) -> Batch:
     """A forward pass's Batch; image rows get their embeddings and see their whole image (spans)."""
     ids = np.asarray(inputs, dtype=np.int64)
-    is_embed = ids < 0
-    if not is_embed.any():
+    is_row = ids < 0
+    if not is_row.any():
         return Batch(ids.astype(np.int32), positions, seqs, outputs)
-    n = len(inputs)
-    first = next(iter(rows.values()))
-    embeds = np.zeros((n, first.embedding.shape[0]), dtype=np.float32)
+    tokens = np.where(is_row, 0, ids).astype(np.int32)
+    carried: list[MultimodalInput] = []
+    is_embed = np.zeros(len(inputs), dtype=np.bool_)
+    for i in np.flatnonzero(is_row):
+        row = rows[int(ids[i])]
+        if row.embedding is None:
+            tokens[i] = row.token
+            carried.append(MultimodalInput(int(i), row.encoder_input))
+        else:
+            is_embed[i] = True
+    if not is_embed.any():
+        return Batch(tokens, positions, seqs, outputs, multimodal=tuple(carried))
+    width = next(r.embedding.shape[0] for r in rows.values() if r.embedding is not None)
+    embeds = np.zeros((len(inputs), width), dtype=np.float32)
     spans = np.stack([positions, positions], axis=1).astype(np.int32)
     for i in np.flatnonzero(is_embed):
         row = rows[int(ids[i])]
+        assert row.embedding is not None
         embeds[i] = row.embedding
         start = int(positions[i]) - row.index
         spans[i] = (start, start + row.length - 1)
-    return Batch(np.where(is_embed, 0, ids).astype(np.int32), positions, seqs, outputs, embeds, is_embed, spans)
+    return Batch(tokens, positions, seqs, outputs, embeds, is_embed, spans, tuple(carried))

@@ -97,6 +97,15 @@ def test_removing_the_image_position_invalidates(backend: Any, begin: int, end: 
     assert cache.encoder_cached is stays
 
 
+@pytest.mark.parametrize("begin,end,pos", [(0, 5, 6), (0, 11, 0), (3, 4, 10), (12, 20, 11)])
+def test_a_shift_below_the_image_moves_its_position(backend: Any, begin: int, end: int, pos: int) -> None:
+    """Removing positions below the image shifts it down with its row (a context shift): still cached."""
+    cache = new_cache(backend)
+    run(backend, cache, image_batch([10, 11, 12], image_index=1), enc_kv(4, seed=3))
+    cache.remove(0, begin, end)
+    assert cache.encoder_cached and cache.encoder_pos == pos
+
+
 def test_copy_prefix_and_sequences(backend: Any) -> None:
     cache = new_cache(backend)
     run(backend, cache, image_batch([0, 1, 2], image_index=2), enc_kv(4, seed=4))
@@ -159,3 +168,16 @@ def test_cross_attention_without_mask(backend: Any) -> None:
         p = np.exp(s - s.max(axis=1, keepdims=True))
         p /= p.sum(axis=1, keepdims=True)
         np.testing.assert_allclose(got[:, h, :], p @ v[:, h // group, :], rtol=0, atol=2e-3)
+
+
+def test_a_quantized_cache_refuses_heads_it_cannot_hold(backend: Any) -> None:
+    """ggml aborts the process when rows of 8 are copied into Q8_0 blocks of 32: the put refuses first."""
+    cache = new_cache(backend, DType.Q8_0, flash=True)
+    ctx = backend.new_context()
+    try:
+        cache.start_forward(ctx, batch_of([0], [0]))
+        k = ctx.from_numpy(np.zeros((3, 2, 8), np.float32))  # [head_dim 8, 2 heads, 3 tokens]
+        with pytest.raises(NotSupportedError, match="multiples of 32, not 8/8"):
+            cache.put(ctx, 0, k, k)
+    finally:
+        ctx.close()

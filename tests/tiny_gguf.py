@@ -46,7 +46,8 @@ class TinySpec:
     q_gain: float = 1.0  # multiplies attn_q weights: larger attention scores (softcaps and masks then matter)
     embd_std: float = 0.2  # small embeddings: the blocks, not the input token, dominate the residual stream
     extra_kv: dict[str, Any] = field(default_factory=dict)
-    image_tokens: bool = False  # the last two vocabulary entries become <start_of_image> / <end_of_image>
+    image_tokens: bool = False  # llama vocabulary: the last two entries become <start_of_image> / <end_of_image>;
+    # gpt2 vocabulary: the last becomes <|image|>
 
     @property
     def n_rot(self) -> int:
@@ -136,8 +137,10 @@ def _vocab(spec: TinySpec, writer: gguf.GGUFWriter) -> None:
         chars = [chr(c) for c in range(ord("a"), ord("z") + 1)] + ["Ġ", ".", ",", "Ċ"]
         merged = ["Ġt", "Ġa", "he", "in", "Ġthe", "er", "on", "Ġs", "at", "en"]
         tokens = (specials + chars + merged + [f"<extra_{i}>" for i in range(n)])[:n]
-        types = [gguf.TokenType.CONTROL if t in specials or t.startswith("<extra") else gguf.TokenType.NORMAL
-                 for t in tokens]
+        if spec.image_tokens:  # mllama's: the last entry becomes <|image|>
+            tokens[-1] = "<|image|>"
+        control = [t in specials or t.startswith(("<extra", "<|image")) for t in tokens]
+        types = [gguf.TokenType.CONTROL if c else gguf.TokenType.NORMAL for c in control]
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre("default")
         writer.add_token_list(tokens)
@@ -209,6 +212,8 @@ def write_gguf(path: str | Path, spec: TinySpec, tensors: dict[str, np.ndarray] 
             writer.add_float32(k, v)
         elif isinstance(v, int):
             writer.add_uint32(k, v)
+        elif isinstance(v, (list, tuple)):
+            writer.add_array(k, list(v))
         else:
             writer.add_string(k, str(v))
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
