@@ -47,7 +47,7 @@ def _load(cfg: ServeConfig, state: Any) -> None:
             kv = _kv_type("f16")
         quantized_kv = cfg.cache_type_k != "f16" and kv is not _kv_type("f16")
         flash = cfg.flash_attn == "on" or (cfg.flash_attn == "auto" and quantized_kv)
-        loaded = Loaded(cfg.model, cfg.threads, None, cfg.n_gpu_layers, cfg.main_gpu, (), flash)
+        loaded = Loaded(cfg.model, cfg.threads, None, cfg.n_gpu_layers, cfg.main_gpu, (), flash, mmproj=cfg.mmproj)
         params = loaded.model.params
         n_ctx_train = int(getattr(params, "n_ctx_train", 0) or 0)
         n_ctx = cfg.ctx_size or n_ctx_train or 4096
