@@ -296,10 +296,11 @@ def clip_name(name: str) -> str:
 
 def write_projector_gguf(path: str | Path, vs: VisionSpec, vision: dict[str, np.ndarray], n_text_embd: int, *,
                          kv: dict[str, Any] | None = None, drop: tuple[str, ...] = (),
-                         add: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+                         add: dict[str, np.ndarray] | None = None, f16: bool = False) -> dict[str, np.ndarray]:
     """A llama.cpp-style projector file (`--mmproj`) holding the tower and projector `vision` (Ollama names, as
     make_vision_weights draws them) under clip.cpp's names and keys. `kv` adds or replaces keys (None removes one);
-    `drop` / `add` edit tensors by their clip names. Returns the tensors written."""
+    `drop` / `add` edit tensors by their clip names; `f16` stores the matrices in F16, as real projector files do.
+    Returns the tensors written."""
     w = {clip_name(k): v for k, v in vision.items()}
     for name in drop:
         del w[name]
@@ -330,7 +331,8 @@ def write_projector_gguf(path: str | Path, vs: VisionSpec, vision: dict[str, np.
         else:
             writer.add_string(k, str(v))
     for name, arr in w.items():
-        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float32))
+        wide = f16 and arr.ndim >= 2 and "position" not in name
+        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float16 if wide else np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

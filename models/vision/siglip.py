@@ -24,6 +24,11 @@ from ml.module import Module, weight
 from ml.nn import Conv2D, Embedding, LayerNorm, Linear, RMSNorm, attention
 
 
+# llamafile's tinyBLAS (ggml's tiled F32 GEMM on x86) needs the inner size to be a multiple of its vector width:
+# 16 floats with AVX-512 (8 with AVX2); a head size that is not goes to a row-by-row fallback, ~2x slower here.
+GEMM_INNER_MULTIPLE = 16
+
+
 @dataclass(frozen=True)
 class VisionParams:
     n_embd: int
@@ -153,7 +158,11 @@ class VisionBlock(Module):
         # keys and values as attention() reads a cache: [head_dim, n_kv, n_head]
         k = self.attn_k.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
         v = self.attn_v.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
-        a = attention(ctx, q, k.contiguous(ctx), v.contiguous(ctx), None, 1.0 / math.sqrt(head_dim))
+        k = k.contiguous(ctx)
+        pad = -head_dim % GEMM_INNER_MULTIPLE
+        if pad:  # zero columns add nothing to a score; they let ggml's tiled GEMM take SigLIP's 72-wide heads
+            q, k = q.pad(ctx, pad), k.pad(ctx, pad)
+        a = attention(ctx, q, k, v.contiguous(ctx), None, 1.0 / math.sqrt(head_dim), gemm_queries=True)
         x = x.add(ctx, self.attn_output.forward(ctx, a))  # every patch sees every patch: no mask
         h = self.layer_norm2.forward(ctx, x, p.eps)
         return x.add(ctx, self.fc2.forward(ctx, self.fc1.forward(ctx, h).gelu(ctx)))
