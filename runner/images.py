@@ -39,6 +39,10 @@ def row_id(digest: bytes, index: int) -> int:
     return -1 - int.from_bytes(h, "little")
 
 
+# Gemma 3's processor puts each image's soft tokens between these (Ollama's PostTokenize writes the same tokens).
+IMAGE_OPEN, IMAGE_CLOSE = "\n\n<start_of_image>", "<end_of_image>\n\n"
+
+
 def prompt_inputs(model: Any, backend: Backend, tokenizer: Any,
                   req: CompletionRequest) -> tuple[list[int], dict[int, ImageRow]]:
     """The inputs of a vision model's prompt (BOS, text, and per image "\\n\\n<start_of_image>", its soft tokens,
@@ -49,18 +53,13 @@ def prompt_inputs(model: Any, backend: Backend, tokenizer: Any,
             the Go runner's wording.
     """
     images = {im.id: im.data for im in req.images}
-    try:
-        parts = split_prompt(req.prompt, list(images))
-    except ImageError as e:
-        raise ValueError(f"failed to process inputs: {e}") from None
-    first = parts[0] if parts and isinstance(parts[0], str) else ""
-    tokens = tokenizer.encode(first, add_special=True, parse_special=True)
+    tokens: list[int] = []
     rows: dict[int, ImageRow] = {}
-    for part in parts[1:] if first else parts:
-        if isinstance(part, str):
-            tokens += tokenizer.encode(part, add_special=False, parse_special=True)
+    for piece in _layout(tokenizer, req.prompt, list(images)):
+        if isinstance(piece, list):
+            tokens += piece
             continue
-        data = images[part]
+        data = images[piece]
         try:
             embeddings = _encode(model, backend, data)
         except ImageError as e:
@@ -69,10 +68,33 @@ def prompt_inputs(model: Any, backend: Backend, tokenizer: Any,
         ids = [row_id(digest, i) for i in range(len(embeddings))]
         for i, (rid, emb) in enumerate(zip(ids, embeddings)):
             rows[rid] = ImageRow(emb, i, len(ids))
-        tokens += tokenizer.encode("\n\n<start_of_image>", add_special=False, parse_special=True)
         tokens += ids
-        tokens += tokenizer.encode("<end_of_image>\n\n", add_special=False, parse_special=True)
     return tokens, rows
+
+
+def count_inputs(model: Any, tokenizer: Any, prompt: str, image_ids: Sequence[int]) -> int:
+    """How many inputs prompt_inputs makes of this prompt, without decoding or encoding an image (for a context
+    check before the request queues). Raises ValueError as prompt_inputs does for an unknown marker."""
+    n_image = model.vision.tokens_per_image
+    return sum(len(p) if isinstance(p, list) else n_image for p in _layout(tokenizer, prompt, image_ids))
+
+
+def _layout(tokenizer: Any, prompt: str, image_ids: Sequence[int]) -> list[list[int] | int]:
+    """The prompt as token lists and image ids in order: BOS with the first text, IMAGE_OPEN's tokens before and
+    IMAGE_CLOSE's after each image."""
+    try:
+        parts = split_prompt(prompt, image_ids)
+    except ImageError as e:
+        raise ValueError(f"failed to process inputs: {e}") from None
+    first = parts[0] if parts and isinstance(parts[0], str) else ""
+    out: list[list[int] | int] = [tokenizer.encode(first, add_special=True, parse_special=True)]
+    for part in parts[1:] if first else parts:
+        if isinstance(part, str):
+            out.append(tokenizer.encode(part, add_special=False, parse_special=True))
+            continue
+        out += [tokenizer.encode(IMAGE_OPEN, add_special=False, parse_special=True), part,
+                tokenizer.encode(IMAGE_CLOSE, add_special=False, parse_special=True)]
+    return out
 
 
 def _encode(model: Any, backend: Backend, data: bytes) -> npt.NDArray[np.float32]:

@@ -27,7 +27,10 @@ from runner.http_common import BodyDecoder, BodyTooLarge, read_body
 from runner.llamaserver import shapes
 from runner.llamaserver.decode import Decoded, decode_completion, decode_prompt, parse_body
 from runner.llamaserver.generate import EngineError, Generation, collect
+from runner.llamaserver.media import images as image_data, split_multimodal_prompt, with_markers
 from runner.llamaserver.template import RESERVED, ChatTemplate, TemplateError, chat_prompt, normalize_messages
+from runner import images as engine_images
+from runner.protocol import ImageData
 from runner.responses import DoneReason, Metrics
 
 log = logging.getLogger(__name__)
@@ -144,26 +147,45 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                 "frequency_penalty": s.frequency_penalty, "stop": list(r.stop), "max_tokens": d.n_predict,
                 "n_predict": d.n_predict, "n_keep": r.num_keep, "stream": d.stream, "grammar": r.grammar}
 
-    async def prepare(body: dict[str, Any], engine: Engine, prompt: str, tokens: tuple[int, ...] | None) -> Decoded:
+    async def prepare(body: dict[str, Any], engine: Engine, prompt: str, tokens: tuple[int, ...] | None,
+                      imgs: tuple[ImageData, ...] = ()) -> Decoded:
         """The request with its prompt tokenized (off the event loop, so /health never waits on a long prompt).
         Without --context-shift llama-server refuses a prompt that fills the slot and ends a generation when the
-        slot is full; the engine would truncate and shift, so the request is checked and capped here."""
-        if tokens is None:
-            tokens = tuple(await asyncio.to_thread(engine.tokenizer.encode, prompt, True, True))
-        if not tokens:
-            raise HttpError(400, "the prompt is empty")
-        d = decode_completion(body, prompt, tokens, state.keep, state.n_predict)
+        slot is full; the engine would truncate and shift, so the request is checked and capped here. A prompt
+        with images is counted as the engine will lay it out (its images are encoded only once it is placed)."""
+        if imgs:
+            if not engine_images.can_see(engine.model):
+                raise HttpError(400, "image input is not supported by this model (it has no vision projector: "
+                                     "start the server with --mmproj)")
+            n_prompt = await asyncio.to_thread(engine_images.count_inputs, engine.model, engine.tokenizer, prompt,
+                                               [im.id for im in imgs])
+        else:
+            if tokens is None:
+                tokens = tuple(await asyncio.to_thread(engine.tokenizer.encode, prompt, True, True))
+            if not tokens:
+                raise HttpError(400, "the prompt is empty")
+            n_prompt = len(tokens)
+        d = decode_completion(body, prompt, tokens, state.keep, state.n_predict, imgs)
         if d.request.grammar or d.request.format:  # a bad grammar is the request's fault: 400 before it queues
             d = replace(d, grammar=await asyncio.to_thread(engine.grammars.compile, d.request))
         if not state.n_ctx_slot_cap:
             return d
-        room = engine.n_ctx_slot - len(tokens)
+        room = engine.n_ctx_slot - n_prompt
         if room <= 0:
-            raise HttpError(400, f"the request exceeds the available context size: {len(tokens)} prompt tokens, "
+            raise HttpError(400, f"the request exceeds the available context size: {n_prompt} prompt tokens, "
                                  f"{engine.n_ctx_slot} per slot", "exceed_context_size_error")
         if 0 < d.request.num_predict <= room:
             return d
         return replace(d, request=replace(d.request, num_predict=room))
+
+    async def resolve_prompt(value: object, engine: Engine) -> tuple[str, tuple[int, ...] | None,
+                                                                      tuple[ImageData, ...]]:
+        """A completion route's `prompt`: text or token ids (decode_prompt), or a multimodal object."""
+        multimodal = split_multimodal_prompt(value)
+        if multimodal is not None:
+            return multimodal[0], None, multimodal[1]
+        prompt, tokens = await asyncio.to_thread(decode_prompt, value, engine.tokenizer)
+        return prompt, tokens, ()
 
     def model_name(d: Decoded) -> str:
         return d.model or state.model_name
@@ -175,9 +197,9 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
     async def native_completion(request: Request, body: dict[str, Any], engine: Engine) -> Response:
         if "prompt" not in body:
             raise HttpError(400, "'prompt' is required")
-        prompt, tokens = await asyncio.to_thread(decode_prompt, body["prompt"], engine.tokenizer)
+        prompt, tokens, imgs = await resolve_prompt(body["prompt"], engine)
         echo = prompt if tokens is None else await asyncio.to_thread(engine.tokenizer.decode, tokens)
-        d = await prepare(body, engine, prompt, tokens)
+        d = await prepare(body, engine, prompt, tokens, imgs)
         if d.n_predict == 0:
             out = empty_outcome(d)
             final = shapes.completion_final("", out, model_name(d), echo, settings(d, engine))
@@ -207,8 +229,8 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
     async def oai_completion(request: Request, body: dict[str, Any], engine: Engine) -> Response:
         if "prompt" not in body:
             raise HttpError(400, "'prompt' is required")
-        prompt, tokens = await asyncio.to_thread(decode_prompt, body["prompt"], engine.tokenizer)
-        d = await prepare(body, engine, prompt, tokens)
+        prompt, tokens, imgs = await resolve_prompt(body["prompt"], engine)
+        d = await prepare(body, engine, prompt, tokens, imgs)
         cid, created, model = "cmpl-" + secrets.token_hex(16), int(time.time()), model_name(d)
         if d.n_predict == 0:
             m = empty_outcome(d).metrics
@@ -234,10 +256,11 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             yield shapes.SSE_DONE
         return StreamingResponse(stream(), media_type=shapes.SSE_CONTENT_TYPE)
 
-    def render(body: dict[str, Any]) -> str:
+    def render(body: dict[str, Any], media: list[bytes] | None = None) -> str:
+        """The conversation's prompt text; image parts become media markers, their bytes go to `media`."""
         if state.template is None:
             raise HttpError(500, "no chat template")
-        messages = normalize_messages(body.get("messages"))
+        messages = normalize_messages(body.get("messages"), media if media is not None else [])
         tools = body.get("tools")
         add_gen = body.get("add_generation_prompt", True)
         extra = body.get("chat_template_kwargs")
@@ -254,12 +277,16 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
             raise HttpError(400, str(e)) from None
 
     async def chat(request: Request, body: dict[str, Any], engine: Engine) -> Response:
+        media: list[bytes] = []
         try:
-            text = render(body)
-        except ValueError as e:  # bad messages, or the template refused them
+            text = render(body, media)
+            prompt, tokens = await asyncio.to_thread(chat_prompt, text, state.template, engine.tokenizer,
+                                                     bool(media))
+            if media:
+                prompt = with_markers(prompt, len(media))
+        except ValueError as e:  # bad messages, or the template refused them (or dropped an image)
             raise HttpError(400, str(e)) from None
-        prompt, tokens = await asyncio.to_thread(chat_prompt, text, state.template, engine.tokenizer)
-        d = await prepare(body, engine, prompt, tokens)
+        d = await prepare(body, engine, prompt, tokens, image_data(media))
         cid, created, model = "chatcmpl-" + secrets.token_hex(16), int(time.time()), model_name(d)
         if d.n_predict == 0:
             out = empty_outcome(d)
@@ -380,7 +407,7 @@ def build_app(state: ServeState, max_body: int = MAX_BODY) -> Starlette:
                                                       "params": params},
                       "total_slots": engine.parallel, "model_path": state.model_path,
                       "chat_template": state.template.source if state.template is not None else "",
-                      "modalities": {"vision": False, "audio": False},
+                      "modalities": {"vision": engine_images.can_see(engine.model), "audio": False},
                       "build_info": shapes.SYSTEM_FINGERPRINT})
 
     routes = [Route("/health", health, methods=["GET"]), Route("/v1/health", health, methods=["GET"]),

@@ -17,7 +17,7 @@ from typing import Any
 
 from runner.errors import RequestError
 from runner.grammar import Constraint
-from runner.protocol import CompletionRequest
+from runner.protocol import CompletionRequest, ImageData
 from runner.sampling import SamplerParams
 
 
@@ -122,8 +122,8 @@ def decode_prompt(value: object, tokenizer: Any) -> tuple[str, tuple[int, ...] |
     those, or {"prompt_string": …}. Returns (text, None) for text the engine tokenizes, or ("", ids). A string
     that comes first gets the model's BOS as a text prompt would; later strings are tokenized without it."""
     if isinstance(value, dict):
-        if value.get("multimodal_data"):
-            raise RequestError("multimodal_data is not supported by this runner yet")
+        if value.get("multimodal_data"):  # the routes take these apart first (media.split_multimodal_prompt)
+            raise RequestError("a multimodal prompt cannot be given here")
         value = value.get("prompt_string")
     if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (list, dict, str)):
         return decode_prompt(value[0], tokenizer)  # one prompt given as a batch of one
@@ -148,9 +148,10 @@ def decode_prompt(value: object, tokenizer: Any) -> tuple[str, tuple[int, ...] |
 
 
 def decode_completion(doc: Mapping[str, Any], prompt: str, tokens: tuple[int, ...] | None,
-                      default_keep: int = 0, default_n_predict: int = -1) -> Decoded:
-    """The generation settings of any completion route, with the prompt already resolved; the defaults of n_keep
-    and n_predict come from --keep and -n."""
+                      default_keep: int = 0, default_n_predict: int = -1,
+                      images: tuple[ImageData, ...] = ()) -> Decoded:
+    """The generation settings of any completion route, with the prompt (and its images, `[img-N]` markers in
+    it) already resolved; the defaults of n_keep and n_predict come from --keep and -n."""
     n_predict = _int(doc, "max_tokens", default_n_predict)
     n_predict = _int(doc, "max_completion_tokens", n_predict)
     n_predict = _int(doc, "n_predict", n_predict)
@@ -164,11 +165,12 @@ def decode_completion(doc: Mapping[str, Any], prompt: str, tokens: tuple[int, ..
     if _int(doc, "n", 1) != 1 or _int(doc, "n_cmpl", 1) != 1:
         raise RequestError("only one completion per request is supported ('n' must be 1)")
     if doc.get("multimodal_data"):
-        raise RequestError("multimodal_data is not supported by this runner yet")
+        raise RequestError("multimodal_data belongs in the prompt: {\"prompt_string\": ..., \"multimodal_data\": "
+                           "[...]}")
     grammar, fmt = _format(doc)
     stream_options = _get(doc, "stream_options", dict, {})
     request = CompletionRequest(
-        prompt=prompt, images=(), sampling=sampling, num_predict=max(n_predict, 0),
+        prompt=prompt, images=images, sampling=sampling, num_predict=max(n_predict, 0),
         num_keep=_int(doc, "n_keep", default_keep), stop=_stops(doc), grammar=grammar, format=fmt,
         cache_prompt=bool(_get(doc, "cache_prompt", bool, True)), tokens=tokens)
     return Decoded(request=request, stream=bool(_get(doc, "stream", bool, False)),

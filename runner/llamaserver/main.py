@@ -24,9 +24,6 @@ def _log_flags(cfg: ServeConfig, unknown: Sequence[str]) -> None:
         log.warning("ignoring unknown flags: %s", " ".join(unknown))
     if cfg.ignored:
         log.info("speculative decoding is not supported; ignoring %s", ", ".join(cfg.ignored))
-    if cfg.mmproj:
-        log.warning("--mmproj %s: the projector is loaded with the model, but requests with images are refused in "
-                    "this mode yet", cfg.mmproj)
     if cfg.chat_template_name:
         log.warning("--chat-template %s: built-in templates are not bundled; using the model's own",
                     cfg.chat_template_name)

@@ -17,6 +17,8 @@ import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from runner.llamaserver.media import MEDIA_MARKER, image_part
+
 # A model without a template still gets a usable chat format: ChatML, which llama.cpp also falls back to.
 CHATML_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
                    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
@@ -73,9 +75,11 @@ class ChatTemplate:
             raise TemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
 
-def normalize_messages(raw: object) -> list[dict[str, Any]]:
+def normalize_messages(raw: object, media: list[bytes] | None = None) -> list[dict[str, Any]]:
     """OpenAI messages as template input: each needs a string role; content may be a string, null, or a list of
-    parts whose text parts are joined (image parts are refused: no vision here yet). Raises ValueError."""
+    parts, joined by newlines: text parts as they are, `image_url` parts (base64 data: URLs) as llama.cpp's media
+    marker, their bytes appended to `media` in order (without `media`, image parts are refused). Raises
+    ValueError."""
     if not isinstance(raw, list) or not raw:
         raise ValueError("'messages' must be a non-empty array")
     out: list[dict[str, Any]] = []
@@ -85,10 +89,15 @@ def normalize_messages(raw: object) -> list[dict[str, Any]]:
         content = msg.get("content")
         if isinstance(content, list):
             texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ValueError(f"messages[{i}]: only text content parts are supported")
-                texts.append(part["text"])
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(part, dict) and kind == "image_url" and media is not None:
+                    media.append(image_part(part, f"messages[{i}].content[{j}]"))
+                    texts.append(MEDIA_MARKER)
+                elif isinstance(part, dict) and kind == "text" and isinstance(part.get("text"), str):
+                    texts.append(part["text"])
+                else:
+                    raise ValueError(f"messages[{i}]: only text and image_url content parts are supported")
             content = "\n".join(texts)
         elif content is None:
             content = ""
@@ -98,10 +107,14 @@ def normalize_messages(raw: object) -> list[dict[str, Any]]:
     return out
 
 
-def chat_prompt(text: str, template: ChatTemplate | None, tokenizer: Any) -> tuple[str, tuple[int, ...] | None]:
+def chat_prompt(text: str, template: ChatTemplate | None, tokenizer: Any,
+                has_images: bool = False) -> tuple[str, tuple[int, ...] | None]:
     """What the engine gets for a rendered conversation: the text, or its tokens when the template already wrote
-    the BOS that tokenization would add again (Gemma's and Llama 3's templates start with `{{ bos_token }}`)."""
+    the BOS that tokenization would add again (Gemma's and Llama 3's templates start with `{{ bos_token }}`). With
+    images the engine lays out text and images itself, BOS first: the template's BOS is cut instead."""
     bos = template.bos_token if template is not None else ""
+    if has_images:
+        return (text[len(bos):] if bos and text.startswith(bos) and tokenizer.add_bos else text), None
     if bos and text.startswith(bos) and tokenizer.add_bos:
         return "", tuple(tokenizer.encode(text, add_special=False, parse_special=True))
     return text, None
