@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -62,6 +63,7 @@ class Gemma3Params(DecoderParams):
 @register("gemma3")
 @dataclass(kw_only=True)
 class Gemma3(Decoder):
+    takes_projector: ClassVar[bool] = True  # a llama.cpp mmproj file can bring the tower (models.vision.siglip)
     params: Gemma3Params = hyper()
     blk: list[Gemma3Block] = weight(count=lambda p: p.n_layer)  # type: ignore[assignment]
     # required exactly when the hyper-parameters describe a tower (a projector missing a tensor is an error)

@@ -31,16 +31,19 @@ class Loaded:
                  rpc: tuple[str, ...] = (), mmproj: str = "") -> None:
         from ggml import RuntimeOptions, load_backend
         from ml.errors import ModelLoadError
-        from models import load_model, widened_types
+        from models import load_model, takes_projector, widened_types
         from models.tokenizer import tokenizer_from_metadata
-        from runner.images import can_see
         opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, main_gpu=main_gpu,
                               tensor_split=tensor_split, flash_attention=flash, fast_kernels=fast_kernels, rpc=rpc)
+        if mmproj and not takes_projector(architecture_of(path)):
+            # Ollama v0.5.12 passed its llama engine's --mmproj to the new engine too: a model that cannot use
+            # one serves text, as the Go runner's flag parser would have let it.
+            logging.getLogger("runner").warning("ignoring --mmproj %s: %s models take no projector", mmproj,
+                                                architecture_of(path))
+            mmproj = ""
         self.backend = load_backend(path, opts, progress, widen=widened_types, projector=mmproj or None)
         try:
             self.model = load_model(self.backend)
-            if mmproj and not can_see(self.model):
-                raise ModelLoadError(f"a {self.backend.architecture} model cannot use the projector file {mmproj}")
             try:
                 self.tokenizer = tokenizer_from_metadata(self.backend.metadata)
             except (ValueError, TypeError, KeyError, IndexError, ArithmeticError) as e:
@@ -49,6 +52,13 @@ class Loaded:
         except BaseException:
             self.backend.close()
             raise
+
+
+def architecture_of(path: str) -> str:
+    """A GGUF's `general.architecture` (metadata only); raises ModelLoadError for a file that is not one."""
+    from ml.gguffile import GGUFFile
+    with GGUFFile(path) as f:
+        return str(f.metadata.get("general.architecture", ""))
 
 
 def _kv_type(name: str) -> Any:

@@ -138,11 +138,17 @@ def test_a_single_file_model_takes_no_projector(tmp_path: Path) -> None:
         Loaded(str(tmp_path / "single.gguf"), 1, mmproj=str(proj))
 
 
-def test_a_text_architecture_takes_no_projector(tmp_path: Path) -> None:
+def test_a_text_architecture_ignores_a_projector(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Ollama v0.5.12 could pass --mmproj to the new engine: a model that cannot see serves text, with a warning
+    (the projector is not even read)."""
     write_gguf(tmp_path / "llama.gguf", llama_spec())
-    _, proj = write_split(tmp_path)
-    with pytest.raises(ModelLoadError, match=r"a llama model cannot use the projector file"):
-        Loaded(str(tmp_path / "llama.gguf"), 1, mmproj=str(proj))
+    with caplog.at_level("WARNING"):
+        m = Loaded(str(tmp_path / "llama.gguf"), 1, mmproj=str(tmp_path / "absent.gguf"))
+    try:
+        assert not images.can_see(m.model) and not any(n.startswith("v.") for n in m.backend.tensor_names())
+        assert "ignoring --mmproj" in caplog.text and "llama models take no projector" in caplog.text
+    finally:
+        m.backend.close()
 
 
 def test_generate_takes_mmproj(tmp_path: Path) -> None:
