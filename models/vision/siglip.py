@@ -80,7 +80,8 @@ class VisionParams:
     def _read_clip(b: Backend, n_text_embd: int) -> VisionParams:
         """llama.cpp's projector keys (clip-impl.h). The pooling is `clip.vision.projector.scale_factor` patches
         per side (4 unless written, as clip.cpp assumes for Gemma 3), so tokens_per_image follows from it."""
-        kind = b.metadata.get("clip.projector_type", b.metadata.get("clip.vision.projector_type"))
+        # a file with several encoders (vision + audio) names the vision one's type under clip.vision.
+        kind = b.metadata.get("clip.vision.projector_type", b.metadata.get("clip.projector_type"))
         if kind != "gemma3":
             raise ValueError(f"projector type {kind!r} is not supported with a gemma3 model (expected 'gemma3')")
         if not b.bool("clip.has_vision_encoder", False):
