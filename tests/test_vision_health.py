@@ -13,14 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from test_server_support import RunnerProcess, complete, p3_request
+from test_server_support import HEALTH_DEADLINE_S, RunnerProcess, complete, p3_request
 from test_vision_engine import png
 from tiny_gguf import VisionSpec, gemma3_spec, make_vision_weights, write_gguf, write_projector_gguf
 
 # 1024 patches of width 768, 6 blocks: ~110 GFLOP per image, about a second on one thread.
 TOWER = VisionSpec(n_embd=768, n_head=12, n_layer=6, n_ff=3072, image_size=448, patch_size=14, tokens_per_image=64)
 TEXT = gemma3_spec(image_tokens=True)
-HEALTH_LIMIT_S = 0.2
 
 
 @pytest.fixture(scope="module")
@@ -62,4 +61,6 @@ def test_health_answers_while_an_image_is_encoded(runner: RunnerProcess) -> None
     assert out.final["prompt_eval_count"] > TOWER.tokens_per_image and elapsed > 0.3, elapsed
     during = [lat for start, lat in polls if t0 <= start <= t0 + elapsed]
     assert len(during) >= 10, (len(during), elapsed)
-    assert max(during) < HEALTH_LIMIT_S, sorted(during)[-5:]
+    print(f"\n/health while an image is encoded: {len(during)} polls in {elapsed:.2f} s, max latency "
+          f"{max(during) * 1000:.1f} ms")
+    assert max(during) < HEALTH_DEADLINE_S, sorted(during)[-5:]
