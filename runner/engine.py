@@ -419,7 +419,7 @@ class Engine:
     def _seq_state(self, slot: _Slot) -> SeqState:
         seq = slot.seq
         assert seq is not None
-        shift_may_come = seq.image_rows and seq.n_past + len(seq.pending) > self.n_ctx_slot
+        shift_may_come = bool(seq.image_rows) and seq.n_past + len(seq.pending) > self.n_ctx_slot
         return SeqState(slot=slot.id, n_cached=seq.n_past, n_pending=len(seq.pending), num_keep=seq.num_keep,
                         same_batch=images.same_batch(seq.pending, seq.image_rows),
                         cached_groups=images.same_batch(slot.inputs, seq.image_rows) if shift_may_come else ())
