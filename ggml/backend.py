@@ -59,18 +59,23 @@ class GgmlBackend:
 
     def __init__(self, path: str | Path, options: RuntimeOptions | None = None,
                  progress: ProgressFn | None = None, runtime: Runtime | None = None,
-                 widen: WidenFn | None = None) -> None:
+                 widen: WidenFn | None = None, projector: str | Path | None = None) -> None:
         self.path = Path(path)
         started = time.monotonic()
-        gguf = GGUFFile(self.path)
+        files = [GGUFFile(self.path)]
         try:
+            gguf = files[0]
             self.metadata: dict[str, Any] = gguf.metadata
             arch = self.metadata.get("general.architecture")
             if not isinstance(arch, str) or not arch:
                 raise ModelLoadError(f"{self.path}: general.architecture is missing")
             self.architecture = arch
             self.n_layer = _checked_block_count(self.metadata, arch, gguf.tensors)
-            _check_tensor_types(gguf.tensors)
+            if projector is not None:
+                files.append(GGUFFile(projector))
+                self.metadata = {**self.metadata, **_projector_metadata(gguf, files[1])}
+            for f in files:
+                _check_tensor_types(f.tensors)
             self._own_runtime = runtime is None
             self.runtime = runtime if runtime is not None else Runtime(options)
             self.runtime.n_layer = self.n_layer
@@ -79,15 +84,17 @@ class GgmlBackend:
             self._finalizer = weakref.finalize(self, _free_buffers, self._state)
             self._tensors: dict[str, GgmlTensor] = {}
             self._widen = dict(widen(arch)) if widen is not None else {}
-            self._load(gguf, progress)
+            self._load(files, progress)
         except BaseException:
-            gguf.close()
+            for f in files:
+                f.close()
             if hasattr(self, "_finalizer"):
                 self.close()
             raise
-        gguf.close()
-        log.info("loaded %s: arch=%s tensors=%d in %.2fs", self.path.name, arch, len(self._tensors),
-                 time.monotonic() - started)
+        for f in files:
+            f.close()
+        log.info("loaded %s: arch=%s tensors=%d in %.2fs", " + ".join(f.path.name for f in files), arch,
+                 len(self._tensors), time.monotonic() - started)
 
     # ---- loading ----
     def _device_of(self, name: str) -> int:
@@ -108,10 +115,12 @@ class GgmlBackend:
             return info.dtype
         return self._widen.get(info.dtype, info.dtype)
 
-    def _load(self, gguf: GGUFFile, progress: ProgressFn | None) -> None:
+    def _load(self, files: Sequence[GGUFFile], progress: ProgressFn | None) -> None:
+        """Every file's tensors (names are unique across them) into backend buffers."""
+        entries = [(f, info) for f in files for info in f.tensors.values()]
         groups: dict[Any, list[TensorInfo]] = {}
-        types = {info.name: self._loaded_type(info) for info in gguf.tensors.values()}
-        for info in gguf.tensors.values():
+        types = {info.name: self._loaded_type(info) for _, info in entries}
+        for _, info in entries:
             buft = self.runtime.weight_buft(self._device_of(info.name), int(types[info.name]), info.shape,
                                             for_matmul=info.name not in _LOOKUP_TABLES)
             groups.setdefault(buft, []).append(info)
@@ -131,11 +140,11 @@ class GgmlBackend:
             self._state["buffers"].append(buf)
             log.debug("buffer %s: %d tensors, %.1f MiB", ffi.string(lib.ggml_backend_buft_name(buft)).decode(),
                       len(infos), lib.ggml_backend_buffer_get_size(buf) / 2**20)
-        total = sum(i.nbytes for i in gguf.tensors.values()) or 1
+        total = sum(info.nbytes for _, info in entries) or 1
         done = 0
         if progress:
             progress(0.0)
-        for info in gguf.tensors.values():
+        for gguf, info in entries:
             view = gguf.data(info)
             if types[info.name] == info.dtype:
                 # One memcpy from the page cache into the backend buffer (repacked on the way where chosen).
@@ -151,7 +160,8 @@ class GgmlBackend:
 
     # ---- metadata ----
     def _key(self, key: str) -> str:
-        return key if key.startswith(("general.", "tokenizer.")) else f"{self.architecture}.{key}"
+        # `clip.*`: a projector file's keys (llama.cpp's split layout), merged in by name
+        return key if key.startswith(("general.", "tokenizer.", "clip.")) else f"{self.architecture}.{key}"
 
     def _value(self, key: str, default: Any, kinds: tuple[type, ...], what: str) -> Any:
         full = self._key(key)
@@ -269,7 +279,26 @@ def _checked_block_count(metadata: Mapping[str, Any], arch: str, tensors: Mappin
     return value
 
 
+def _projector_metadata(text: GGUFFile, projector: GGUFFile) -> dict[str, Any]:
+    """The `clip.*` keys of a llama.cpp projector file (`--mmproj`), after checking that it is one and that its
+    tensors can sit beside the model's: the model must not carry a tower of its own, no name may be in both."""
+    arch = projector.metadata.get("general.architecture")
+    if arch != "clip":
+        raise ModelLoadError(f"{projector.path}: not a projector file (general.architecture is {arch!r}, "
+                             "expected 'clip')")
+    own = sorted(n for n in text.tensors if n.startswith(("v.", "mm.")))
+    if own:
+        raise ModelLoadError(f"{text.path} already holds a vision tower ({own[0]}, ...); it takes no projector "
+                             f"file ({projector.path})")
+    both = sorted(set(text.tensors) & set(projector.tensors))
+    if both:
+        raise ModelLoadError(f"tensor {both[0]} is in both {text.path} and the projector {projector.path}")
+    return {k: v for k, v in projector.metadata.items() if k.startswith("clip.")}
+
+
 def load_backend(path: str | Path, options: RuntimeOptions | None = None,
-                 progress: ProgressFn | None = None, widen: WidenFn | None = None) -> GgmlBackend:
-    """Open the GGUF at `path` and load its weights; raises ModelLoadError for bad files."""
-    return GgmlBackend(path, options, progress, widen=widen)
+                 progress: ProgressFn | None = None, widen: WidenFn | None = None,
+                 projector: str | Path | None = None) -> GgmlBackend:
+    """Open the GGUF at `path` (and a llama.cpp projector file, `--mmproj`, whose tensors and `clip.*` keys join
+    the model's) and load the weights; raises ModelLoadError for bad files."""
+    return GgmlBackend(path, options, progress, widen=widen, projector=projector)

@@ -19,7 +19,8 @@ class WeightSpec:
     """How one field maps to GGUF tensors.
 
     alt: alternate names tried in order when the field's own name is absent (e.g. tied embeddings).
-    optional: leave the field None when no name is found (biases, rope_freqs).
+    optional: leave the field None when no name is found (biases, rope_freqs); a function of the hyper-parameters
+        decides per file (a vision tower is required exactly when the file describes one), overriding the hint.
     inline: a sub-structure whose tensors sit directly under the parent's prefix.
     shape: expected shape (ggml order) from the hyper-parameters; for a layer, the shape of its `weight`.
     count: list length from the hyper-parameters.
@@ -28,7 +29,7 @@ class WeightSpec:
     """
 
     alt: tuple[str, ...] = ()
-    optional: bool = False
+    optional: bool | Callable[[Any], bool] = False
     inline: bool = False
     shape: ShapeFn | None = None
     count: Callable[[Any], int] | None = None
@@ -36,13 +37,14 @@ class WeightSpec:
     name: str | None = None
 
 
-def weight(*, alt: str | tuple[str, ...] = (), optional: bool = False, inline: bool = False,
+def weight(*, alt: str | tuple[str, ...] = (), optional: bool | Callable[[Any], bool] = False,
+           inline: bool = False,
            shape: ShapeFn | None = None, count: Callable[[Any], int] | None = None,
            kind: Callable[[Any, int], type] | None = None, name: str | None = None) -> Any:
-    """Field declaration for a weight (see WeightSpec). Optional fields default to None."""
+    """Field declaration for a weight (see WeightSpec). Optional fields (also per-file ones) default to None."""
     spec = WeightSpec(alt=(alt,) if isinstance(alt, str) else tuple(alt), optional=optional, inline=inline,
                       shape=shape, count=count, kind=kind, name=name)
-    if optional:
+    if optional is not False:
         return field(default=None, metadata={"gguf": spec})
     return field(metadata={"gguf": spec})
 

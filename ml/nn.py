@@ -76,16 +76,20 @@ class KVStore(Protocol):
 
 
 def attention(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, *,
-              softcap: float = 0.0, flash: bool = False) -> Tensor:
+              softcap: float = 0.0, flash: bool = False, gemm_queries: bool = False) -> Tensor:
     """Scaled dot-product attention over cached history.
 
     q [head_dim, n_head, n_tokens]; k, v [head_dim, n_kv, n_head_kv] (views of the cache); mask [n_kv, n_rows]
     with n_rows >= n_tokens (0 visible, -inf hidden). Returns [head_dim_v * n_head, n_tokens].
     The unfused path is the specification: softmax(k·q * scale (+softcap) + mask) · v; `flash` uses ggml's fused
-    kernel (needs an F16 mask).
+    kernel (needs an F16 mask). `gemm_queries` (many queries, as a vision encoder has) copies the permuted queries
+    into a contiguous tensor: ggml's tiled F32 GEMM (llamafile's tinyBLAS) only takes a contiguous right operand,
+    and the row-by-row fallback is several times slower on the n x n scores.
     """
     _, n_head, n_tokens, _ = dims(q)
     q = q.permute(ctx, 0, 2, 1, 3)  # [head_dim, n_tokens, n_head]
+    if gemm_queries:
+        q = q.contiguous(ctx)
     if flash:
         out = q.flash_attn(ctx, k, v, mask, scale, softcap)  # [head_dim_v, n_head, n_tokens]
         return out.reshape(ctx, dims(v)[0] * n_head, n_tokens)

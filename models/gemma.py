@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -62,10 +63,12 @@ class Gemma3Params(DecoderParams):
 @register("gemma3")
 @dataclass(kw_only=True)
 class Gemma3(Decoder):
+    takes_projector: ClassVar[bool] = True  # a llama.cpp mmproj file can bring the tower (models.vision.siglip)
     params: Gemma3Params = hyper()
     blk: list[Gemma3Block] = weight(count=lambda p: p.n_layer)  # type: ignore[assignment]
-    v: VisionTower | None = weight(optional=True)
-    mm: Gemma3Projector | None = weight(optional=True)
+    # required exactly when the hyper-parameters describe a tower (a projector missing a tensor is an error)
+    v: VisionTower | None = weight(optional=lambda p: p.vision is None)
+    mm: Gemma3Projector | None = weight(optional=lambda p: p.vision is None)
 
     @property
     def vision(self) -> VisionParams | None:
@@ -73,10 +76,11 @@ class Gemma3(Decoder):
         return self.params.vision if self.v is not None and self.mm is not None else None
 
     def image_spec(self) -> ImageSpec:
-        """Gemma 3's processor: a square image_size resize, pixels scaled to [0, 1] and normalised by 0.5 / 0.5."""
+        """Gemma 3's processor: a square image_size resize, pixels scaled to [0, 1] and normalised by the file's
+        mean / std (0.5 / 0.5 unless a projector file says otherwise)."""
         vision = self.vision
         assert vision is not None, "image_spec of a text-only gemma3"
-        return ImageSpec(vision.image_size, vision.image_size)
+        return ImageSpec(vision.image_size, vision.image_size, vision.image_mean, vision.image_std)
 
     def encode_image(self, ctx: Context, pixels: npt.NDArray[np.float32]) -> Tensor:
         """Soft tokens [n_embd, tokens_per_image] of one preprocessed image (float32 [3, H, W])."""

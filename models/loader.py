@@ -35,7 +35,7 @@ class _Walk:
 
     def field(self, hint: Any, spec: WeightSpec, prefix: str, name: str) -> Any:
         kind, optional = _classify(hint)
-        optional = optional or spec.optional
+        optional = spec.optional(self.params) if callable(spec.optional) else optional or spec.optional
         if kind is Tensor:
             return self.leaf([prefix + name] + [prefix + a for a in spec.alt], spec, optional)
         if kind == "list":

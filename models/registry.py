@@ -49,6 +49,11 @@ def widened_types(architecture: str) -> Mapping[DType, DType]:
     return widen  # GgmlBackend keeps its own copy
 
 
+def takes_projector(architecture: str) -> bool:
+    """Whether the architecture's class can use a llama.cpp projector file (`--mmproj`; `takes_projector`)."""
+    return bool(getattr(_REGISTRY.get(architecture), "takes_projector", False))
+
+
 def load_model(backend: Backend, *, strict: bool = False) -> Model:
     """Build the model for the backend's architecture with its weights; raises UnsupportedArchitecture,
     MissingWeight or ShapeMismatch (all ModelLoadError)."""

@@ -28,14 +28,20 @@ class Loaded:
 
     def __init__(self, path: str, threads: int, progress: Any = None, n_gpu_layers: int = 0, main_gpu: int = 0,
                  tensor_split: tuple[float, ...] = (), flash: bool = False, fast_kernels: bool = False,
-                 rpc: tuple[str, ...] = ()) -> None:
+                 rpc: tuple[str, ...] = (), mmproj: str = "") -> None:
         from ggml import RuntimeOptions, load_backend
         from ml.errors import ModelLoadError
-        from models import load_model, widened_types
+        from models import load_model, takes_projector, widened_types
         from models.tokenizer import tokenizer_from_metadata
         opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, main_gpu=main_gpu,
                               tensor_split=tensor_split, flash_attention=flash, fast_kernels=fast_kernels, rpc=rpc)
-        self.backend = load_backend(path, opts, progress, widen=widened_types)
+        if mmproj and not takes_projector(architecture_of(path)):
+            # Ollama v0.5.12 passed its llama engine's --mmproj to the new engine too: a model that cannot use
+            # one serves text, as the Go runner's flag parser would have let it.
+            logging.getLogger("runner").warning("ignoring --mmproj %s: %s models take no projector", mmproj,
+                                                architecture_of(path))
+            mmproj = ""
+        self.backend = load_backend(path, opts, progress, widen=widened_types, projector=mmproj or None)
         try:
             self.model = load_model(self.backend)
             try:
@@ -46,6 +52,13 @@ class Loaded:
         except BaseException:
             self.backend.close()
             raise
+
+
+def architecture_of(path: str) -> str:
+    """A GGUF's `general.architecture` (metadata only); raises ModelLoadError for a file that is not one."""
+    from ml.gguffile import GGUFFile
+    with GGUFFile(path) as f:
+        return str(f.metadata.get("general.architecture", ""))
 
 
 def _kv_type(name: str) -> Any:
@@ -82,7 +95,7 @@ def run_runner(argv: Sequence[str]) -> int:
             def progress(p: float) -> None:
                 state.progress = p
             loaded = Loaded(cfg.model, cfg.threads, progress, cfg.n_gpu_layers, cfg.main_gpu, cfg.tensor_split,
-                            cfg.flash_attn, cfg.fast_kernels, cfg.rpc)
+                            cfg.flash_attn, cfg.fast_kernels, cfg.rpc, cfg.mmproj)
             engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=cfg.ctx_size,
                             n_batch=cfg.batch_size, parallel=cfg.parallel, multiuser=cfg.multiuser_cache,
                             flash=cfg.flash_attn, kv_type=_kv_type(cfg.kv_cache_type if cfg.flash_attn else ""))
@@ -178,6 +191,8 @@ def run_generate(argv: Sequence[str]) -> int:
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image file for a vision model (repeatable); the prompt refers to the i-th as [img-i], "
                         "and images it does not mention go in front of it, as Ollama's server puts them")
+    p.add_argument("--mmproj", default="", metavar="PATH",
+                   help="a llama.cpp projector file (clip.*) for a text-only GGUF of a vision model")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -207,7 +222,7 @@ def run_generate(argv: Sequence[str]) -> int:
 
     try:
         loaded = Loaded(args.model, args.threads, bar, n_gpu_layers=args.n_gpu_layers, tensor_split=split,
-                        fast_kernels=args.fast_kernels, rpc=rpc)
+                        fast_kernels=args.fast_kernels, rpc=rpc, mmproj=args.mmproj)
     except Exception as e:
         print(f"\nerror loading model: {e}", file=sys.stderr)
         return 1

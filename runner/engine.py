@@ -378,10 +378,7 @@ class Engine:
         for s in self.slots:  # cancellation frees the slot at once
             if s.seq is not None and s.seq.cancelled:
                 s.seq = None
-        table: list[SeqState | None] = [
-            SeqState(slot=s.id, n_cached=s.seq.n_past, n_pending=len(s.seq.pending), num_keep=s.seq.num_keep,
-                     same_batch=images.same_batch(s.seq.pending, s.seq.image_rows))
-            if s.seq is not None else None for s in self.slots]
+        table: list[SeqState | None] = [self._seq_state(s) if s.seq is not None else None for s in self.slots]
         if not any(table):
             return
         step = schedule(table, self.n_batch, self.n_ctx_slot, self._rr)
@@ -427,6 +424,14 @@ class Engine:
                 except Exception as e:  # sampling, stop strings or detokenizing failed: this sequence alone ends
                     log.warning("sequence in slot %d failed: %s", slot.id, e)
                     self._fail(slot, seq, str(e))
+
+    def _seq_state(self, slot: _Slot) -> SeqState:
+        seq = slot.seq
+        assert seq is not None
+        shift_may_come = bool(seq.image_rows) and seq.n_past + len(seq.pending) > self.n_ctx_slot
+        return SeqState(slot=slot.id, n_cached=seq.n_past, n_pending=len(seq.pending), num_keep=seq.num_keep,
+                        same_batch=images.same_batch(seq.pending, seq.image_rows),
+                        cached_groups=images.same_batch(slot.inputs, seq.image_rows) if shift_may_come else ())
 
     def _run_forward(self, batch: Batch) -> np.ndarray[Any, Any]:
         """Logits [n_outputs, n_vocab] of one forward pass (a kept graph where it fits), timed for the stall

@@ -84,6 +84,31 @@ def context_shift_plan(n_past: int, n_ctx: int, num_keep: int) -> ShiftPlan:
     return ShiftPlan(keep=num_keep, discard=max(target - (n_ctx - n_past), 0))
 
 
+def shift_whole_groups(plan: ShiftPlan, groups: Sequence[tuple[int, int]], n_past: int) -> ShiftPlan:
+    """`plan` widened so that it cuts no same-batch group (an image) of the cached inputs; `groups` holds
+    (index of a group's first cached input, number of inputs after it in the group). A group the discarded range
+    ends inside is discarded whole (discard grows to its end), as Ollama's ShiftDiscard discards a SameBatch run
+    together; one that `keep` falls inside is kept whole (keep moves past it: num_keep asked for its start).
+
+    Raises:
+        ValueError: nothing is left to discard after the kept group.
+    """
+    if not plan.discard or not groups:
+        return plan
+    keep = plan.keep
+    for first, n in groups:
+        if first < keep <= first + n:
+            keep = first + n + 1
+    end = keep + plan.discard
+    for first, n in groups:
+        if first < end <= first + n:
+            end = first + n + 1
+    end = min(end, n_past)
+    if end <= keep:
+        raise ValueError(f"unable to shift context - keep covers an image up to {keep} of {n_past} inputs")
+    return ShiftPlan(keep=keep, discard=end - keep)
+
+
 # --- batch scheduling -----------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +117,8 @@ class SeqState:
 
     n_pending: inputs still to evaluate, in order (the prompt remainder; 1 while generating: the last sampled
     token). same_batch: (offset into the pending inputs, n) pairs; the input at that offset and the n after it
-    must go into one forward pass.
+    must go into one forward pass. cached_groups: the same for the cached inputs (offsets from the first), which
+    a context shift keeps or discards whole; only needed when a shift may come.
     """
 
     slot: int
@@ -100,6 +126,7 @@ class SeqState:
     n_pending: int
     num_keep: int = 0
     same_batch: tuple[tuple[int, int], ...] = ()
+    cached_groups: tuple[tuple[int, int], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +201,8 @@ def schedule(table: Sequence[SeqState | None], batch_size: int, n_ctx: int, star
             if n_cached + taken + min_batch > n_ctx:
                 if taken:
                     break
-                shift = context_shift_plan(n_cached, n_ctx, seq.num_keep)
+                shift = shift_whole_groups(context_shift_plan(n_cached, n_ctx, seq.num_keep), seq.cached_groups,
+                                           n_cached)
                 n_cached -= shift.discard
             taken += 1
         if taken == 0:

@@ -1,5 +1,7 @@
-"""Loads GGUF files the way the runner does, one path per stdin line, and prints one JSON line per file:
-{"path": ..., "result": "ok" | "ModelLoadError" | "<other exception type>", "message": ...}.
+"""Loads GGUF files the way the runner does, one path per stdin line (or "model<TAB>projector" for llama.cpp's
+split layout, `--mmproj`), and prints one JSON line per file:
+{"path": ..., "result": "ok" | "ModelLoadError" | "<other exception type>", "message": ...}. A model that can
+see also encodes one small image (a projector that loads must also run).
 
 Run as a subprocess by test_fuzz_gguf.py, so that a file which aborts or hangs the process is caught by the
 parent (exit status, timeout) and named by the last path it was given. Not a test module.
@@ -14,12 +16,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ml.errors import ModelLoadError  # noqa: E402
 from runner.cli import Loaded  # noqa: E402
+from runner import images  # noqa: E402
 from runner.engine import Engine  # noqa: E402
+from runner.protocol import CompletionRequest, ImageData  # noqa: E402
+from runner.sampling import SamplerParams  # noqa: E402
 
 
-def load_once(path: str) -> tuple[str, str]:
+def _png() -> bytes:
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 30, 90)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def load_once(line: str) -> tuple[str, str]:
+    path, _, mmproj = line.partition("\t")
     try:
-        loaded = Loaded(path, 1)
+        loaded = Loaded(path, 1, mmproj=mmproj)
     except ModelLoadError as e:
         return "ModelLoadError", str(e)
     try:
@@ -28,6 +43,10 @@ def load_once(path: str) -> tuple[str, str]:
             engine.warm_up()
         finally:
             engine.close()
+        if images.can_see(loaded.model):
+            images.prompt_inputs(loaded.model, loaded.backend, loaded.tokenizer,
+                                 CompletionRequest(prompt="[img-0]", images=(ImageData(0, _png()),),
+                                                   sampling=SamplerParams(), num_predict=1, num_keep=0, stop=()))
     except ModelLoadError as e:
         return "ModelLoadError", str(e)
     finally:

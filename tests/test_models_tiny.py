@@ -100,16 +100,21 @@ def softmax(x: np.ndarray) -> np.ndarray:
 
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pos: np.ndarray, scale: float, *, window: int = 0,
-              softcap: float = 0.0, gqa_interleaved: bool = False, window_plus_one: bool = False) -> np.ndarray:
+              softcap: float = 0.0, gqa_interleaved: bool = False, window_plus_one: bool = False,
+              also_visible: np.ndarray | None = None) -> np.ndarray:
     """q (T, H, D), k/v (T, H_kv, D) -> (T, H * D). Query head h reads KV head h // (H / H_kv). A window hides a
     key once pos_q - pos_k >= window (llama.cpp's is_masked_swa, HF's sliding_window_overlay); `window_plus_one`
-    is Ollama v0.6.8's rule (hidden once > window), kept to prove the tests tell the two apart."""
+    is Ollama v0.6.8's rule (hidden once > window), kept to prove the tests tell the two apart. `also_visible`
+    (T, T) adds pairs the causal, windowed mask hides (Gemma 3: a token of an image sees its whole image; HF's
+    or_mask_function)."""
     n_tok, n_head, d = q.shape
     group = n_head // k.shape[1]
     delta = pos[:, None] - pos[None, :]
     visible = delta >= 0
     if window:
         visible &= (delta <= window) if window_plus_one else (delta < window)
+    if also_visible is not None:
+        visible |= also_visible
     out = np.empty((n_tok, n_head, v.shape[2]))
     for h in range(n_head):
         kh = h % k.shape[1] if gqa_interleaved else h // group
@@ -140,10 +145,13 @@ ARCHS = {
 }
 
 
-def reference_logits(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int], **off: Any) -> np.ndarray:
+def reference_logits(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int], *,
+                     embeds: dict[int, np.ndarray] | None = None, also_visible: np.ndarray | None = None,
+                     **off: Any) -> np.ndarray:
     """Logits (n_tokens, n_vocab) for `tokens` at positions 0.. . `off` switches features off or changes them,
-    to show the tests would notice (see SENSITIVITY)."""
-    x = reference_hidden(spec, w, tokens, **off)
+    to show the tests would notice (see SENSITIVITY). `embeds` (row -> vector) replaces those rows' inputs (an
+    image's soft tokens, which are not scaled as token embeddings are); `also_visible` as for `attention`."""
+    x = reference_hidden(spec, w, tokens, embeds=embeds, also_visible=also_visible, **off)
     out_w = w["output.weight"] if "output.weight" in w else w["token_embd.weight"]
     logits = x @ out_w.astype(np.float64).T
     if spec.final_softcap and not off.get("no_final_softcap"):
@@ -151,16 +159,20 @@ def reference_logits(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int]
     return logits
 
 
-def reference_hidden(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int], **off: Any) -> np.ndarray:
-    """Final-normed hidden states (n_tokens, n_embd), float64; `off` as for reference_logits."""
+def reference_hidden(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int], *,
+                     embeds: dict[int, np.ndarray] | None = None, also_visible: np.ndarray | None = None,
+                     **off: Any) -> np.ndarray:
+    """Final-normed hidden states (n_tokens, n_embd), float64; the rest as for reference_logits."""
     a = ARCHS[spec.arch]
     s = spec
     W = {k: v.astype(np.float64) for k, v in w.items()}
     neox = a.neox != off.get("flip_neox", False)
     pos = np.arange(len(tokens))
-    x = W["token_embd.weight"][np.asarray(tokens)]
+    x = W["token_embd.weight"][np.maximum(np.asarray(tokens), 0)]
     if a.gemma and not off.get("no_embed_scale"):
         x = x * math.sqrt(s.n_embd)
+    for row, vec in (embeds or {}).items():
+        x[row] = vec * (math.sqrt(s.n_embd) if off.get("scale_embeds") else 1.0)
     freqs = W.get("rope_freqs.weight") if not off.get("no_rope_freqs") else None
     gelu = gelu_tanh if off.get("exact_gelu") else gelu_ggml_cpu
     scale = 1.0 / math.sqrt(s.head_dim) if not off.get("embd_head_scale") else 1.0 / math.sqrt(s.n_embd // s.n_head)
@@ -190,7 +202,7 @@ def reference_hidden(spec: TinySpec, w: dict[str, np.ndarray], tokens: list[int]
         att = attention(q, k, v, pos, scale, window=window,
                         softcap=0.0 if off.get("no_attn_softcap") else s.attn_softcap,
                         gqa_interleaved=off.get("gqa_interleaved", False),
-                        window_plus_one=off.get("window_plus_one", False))
+                        window_plus_one=off.get("window_plus_one", False), also_visible=also_visible)
         att = lin(p + "attn_output", att)
         if s.post_norms and not off.get("no_post_norms"):
             att = rms_norm(att, W[p + "post_attention_norm.weight"], s.eps)

@@ -7,7 +7,8 @@ import pytest
 
 from runner.errors import SequenceError, SlotUnavailableError
 from runner.scheduling import (Chunk, SeqState, ShiftPlan, SlotChoice, SlotState, Step, choose_slot,
-                               common_prefix_len, context_shift_plan, effective_num_keep, schedule, truncate_prompt)
+                               common_prefix_len, context_shift_plan, effective_num_keep, schedule,
+                               shift_whole_groups, truncate_prompt)
 
 TEN = list(range(10))
 
@@ -61,6 +62,37 @@ def test_context_shift_plan(n_past: int, n_ctx: int, keep: int, expected: ShiftP
 def test_context_shift_keep_too_large() -> None:
     with pytest.raises(ValueError, match="keep exceeds context"):
         context_shift_plan(10, 10, 10)
+
+
+@pytest.mark.parametrize(("plan", "groups", "n_past", "expected"), [
+    pytest.param(ShiftPlan(2, 4), (), 20, ShiftPlan(2, 4), id="no-images"),
+    pytest.param(ShiftPlan(2, 4), ((8, 3),), 20, ShiftPlan(2, 4), id="image-after-the-range"),
+    pytest.param(ShiftPlan(2, 4), ((6, 3),), 20, ShiftPlan(2, 4), id="image-starting-at-the-end-is-kept"),
+    pytest.param(ShiftPlan(2, 4), ((4, 3),), 20, ShiftPlan(2, 6), id="end-inside-an-image-discards-it-whole"),
+    pytest.param(ShiftPlan(2, 4), ((2, 3),), 20, ShiftPlan(2, 4), id="image-at-keep-discarded-whole"),
+    pytest.param(ShiftPlan(2, 4), ((0, 3),), 20, ShiftPlan(4, 4), id="keep-inside-an-image-keeps-it-whole"),
+    pytest.param(ShiftPlan(2, 4), ((0, 3), (6, 5)), 20, ShiftPlan(4, 8), id="both-ends"),
+    pytest.param(ShiftPlan(2, 4), ((4, 15),), 20, ShiftPlan(2, 18), id="image-up-to-the-last-input"),
+    pytest.param(ShiftPlan(2, 0), ((0, 3),), 20, ShiftPlan(2, 0), id="nothing-to-discard"),
+])
+def test_shift_whole_groups(plan: ShiftPlan, groups: tuple[tuple[int, int], ...], n_past: int,
+                            expected: ShiftPlan) -> None:
+    got = shift_whole_groups(plan, groups, n_past)
+    assert got == expected
+    for first, n in groups:  # every image is wholly kept or wholly discarded
+        inside = [got.keep <= i < got.keep + got.discard for i in range(first, first + n + 1)]
+        assert all(inside) or not any(inside)
+
+
+def test_shift_whole_groups_keep_covering_everything() -> None:
+    with pytest.raises(ValueError, match="keep covers an image"):
+        shift_whole_groups(ShiftPlan(2, 4), ((0, 9),), 10)
+
+
+def test_schedule_shifts_whole_images() -> None:
+    # 10 cached of n_ctx 10, keep 0: the plain plan discards 5 (0-4), inside the image at 3-6: all of it goes
+    step = schedule([SeqState(0, 10, 1, cached_groups=((3, 3),))], 8, 10)
+    assert step.chunks[0].shift == ShiftPlan(0, 7) and step.chunks[0].pos == 3
 
 
 S = SeqState

@@ -282,3 +282,42 @@ def test_the_same_image_reuses_the_cache_and_another_does_not(tmp_path: Path) ->
     finally:
         e.close()
         m.backend.close()
+
+
+def test_a_context_shift_never_cuts_an_image(loaded: Loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Generation past a small context shifts it: every shift keeps or discards each cached image whole (Ollama's
+    ShiftDiscard), for context sizes and num_keep values that put the plain half-discard's end inside an image
+    (the prompt is 34 inputs, the images at 5-8 and 24-27) or num_keep inside one."""
+    import dataclasses
+    from runner.scheduling import context_shift_plan
+    base = request("[img-0] the a [img-1] a", {0: png(1), 1: png(2)}, n=40)
+    tokens, _ = images.prompt_inputs(loaded.model, loaded.backend, loaded.tokenizer, base)
+    shifts: list[tuple[list[int], int, int]] = []
+    shift = Engine._shift
+
+    def recording(self: Engine, slot: Any, keep: int, discard: int) -> None:
+        shifts.append((list(slot.inputs), keep, discard))
+        shift(self, slot, keep, discard)
+
+    monkeypatch.setattr(Engine, "_shift", recording)
+    plain_would_cut = 0
+    for n_ctx, num_keep in [(n, k) for n in range(len(tokens) + 1, len(tokens) + 7) for k in (0, 6, 14)]:
+        req = dataclasses.replace(base, num_keep=num_keep)
+        shifts.clear()
+        e = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=n_ctx, n_batch=64, parallel=1)
+        e.start()
+        try:
+            ok(run_all(e, [req])[0])
+        finally:
+            e.close()
+        assert shifts, n_ctx
+        for inputs, keep, discard in shifts:
+            gone = set(range(keep, keep + discard))
+            plain = context_shift_plan(len(inputs), n_ctx, num_keep)
+            plain_gone = set(range(plain.keep, plain.keep + plain.discard))
+            starts = [i for i, t in enumerate(inputs) if t < 0 and (i == 0 or inputs[i - 1] >= 0)]
+            for first in starts:
+                rows = set(range(first, first + VS.tokens_per_image))
+                assert rows <= gone or not rows & gone, (n_ctx, keep, discard, first)
+                plain_would_cut += bool(rows & plain_gone) and not rows <= plain_gone
+    assert plain_would_cut > 0

@@ -281,3 +281,65 @@ def make_vision_weights(vs: VisionSpec, n_text_embd: int, seed: int = 1) -> dict
     # Hugging Face's (vision, text) matrix, stored as is (ggml [n_text, n_vision])
     w["mm.mm_input_projection.weight"] = (rng.standard_normal((d, n_text_embd)) / np.sqrt(d)).astype(np.float32)
     return w
+
+
+# Ollama's names (make_vision_weights) -> llama.cpp's clip.cpp names (convert_hf_to_gguf's Gemma3VisionModel).
+_CLIP_NAMES = {"patch_embedding": "patch_embd", "position_embedding": "position_embd", "post_layernorm": "post_ln",
+               "layer_norm1": "ln1", "layer_norm2": "ln2", "attn_output": "attn_out", "mlp.fc1": "ffn_up",
+               "mlp.fc2": "ffn_down", "mm_soft_emb_norm": "soft_emb_norm", "mm_input_projection": "input_projection"}
+
+
+def clip_name(name: str) -> str:
+    """A tower / projector tensor's name in a llama.cpp projector file (same data, same orientation)."""
+    stem, _, suffix = name.rpartition(".")
+    head, _, rest = stem.partition(".")  # "v" / "mm", then e.g. "blk.0.mlp.fc1"
+    parts = rest.split(".")
+    if parts[0] == "blk":
+        return ".".join([head, *parts[:2], _CLIP_NAMES.get(".".join(parts[2:]), ".".join(parts[2:])), suffix])
+    return ".".join([head, _CLIP_NAMES.get(rest, rest), suffix])
+
+
+def write_projector_gguf(path: str | Path, vs: VisionSpec, vision: dict[str, np.ndarray], n_text_embd: int, *,
+                         kv: dict[str, Any] | None = None, drop: tuple[str, ...] = (),
+                         add: dict[str, np.ndarray] | None = None, f16: bool = False) -> dict[str, np.ndarray]:
+    """A llama.cpp-style projector file (`--mmproj`) holding the tower and projector `vision` (Ollama names, as
+    make_vision_weights draws them) under clip.cpp's names and keys. `kv` adds or replaces keys (None removes one);
+    `drop` / `add` edit tensors by their clip names; `f16` stores the matrices in F16, as real projector files do.
+    Returns the tensors written."""
+    w = {clip_name(k): v for k, v in vision.items()}
+    for name in drop:
+        del w[name]
+    w.update(add or {})
+    side = vs.image_size // vs.patch_size
+    keys: dict[str, Any] = {
+        "clip.projector_type": "gemma3", "clip.has_vision_encoder": True, "clip.use_gelu": True,
+        "clip.vision.image_size": vs.image_size, "clip.vision.patch_size": vs.patch_size,
+        "clip.vision.embedding_length": vs.n_embd, "clip.vision.feed_forward_length": vs.n_ff,
+        "clip.vision.block_count": vs.n_layer, "clip.vision.attention.head_count": vs.n_head,
+        "clip.vision.attention.layer_norm_epsilon": vs.eps, "clip.vision.projection_dim": n_text_embd,
+        "clip.vision.image_mean": [0.5, 0.5, 0.5], "clip.vision.image_std": [0.5, 0.5, 0.5],
+        # written by the converter when it is not Gemma 3's 4 (tiny test models)
+        "clip.vision.projector.scale_factor": side // int(round(vs.tokens_per_image ** 0.5))}
+    keys.update(kv or {})
+    writer = gguf.GGUFWriter(str(path), "clip")
+    for k, v in keys.items():
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            writer.add_bool(k, v)
+        elif isinstance(v, float):
+            writer.add_float32(k, v)
+        elif isinstance(v, int):
+            writer.add_uint32(k, v)
+        elif isinstance(v, list):
+            writer.add_array(k, v)
+        else:
+            writer.add_string(k, str(v))
+    for name, arr in w.items():
+        wide = f16 and arr.ndim >= 2 and "position" not in name
+        writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float16 if wide else np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return w

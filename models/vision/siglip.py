@@ -1,5 +1,9 @@
-"""The SigLIP vision tower and Gemma 3's multimodal projector, in Ollama's single-file layout: the tower's tensors
-under `v.`, the projector's under `mm.`, hyper-parameters under `<arch>.vision.*`.
+"""The SigLIP vision tower and Gemma 3's multimodal projector, in either layout: Ollama's single file (the tower's
+tensors under `v.`, the projector's under `mm.`, hyper-parameters under `<arch>.vision.*`) or llama.cpp's
+projector file given with `--mmproj` (`general.architecture = clip`, keys under `clip.*`, the same prefixes with
+clip.cpp's tensor names: `v.patch_embd`, `v.blk.N.ln1`, `attn_out`, `ffn_up`, `mm.input_projection`, ...). The
+tensors are the same in both (convert_hf_to_gguf and Ollama's converter store every matrix, the projection too, in
+the same orientation), so each field names its alternate and one model loads either.
 
 Tower (SigLIP, Zhai et al. 2023; HF SiglipVisionModel): a patch_size-strided conv turns the image into patches,
 learned position embeddings are added, pre-norm blocks (LayerNorm with bias, bidirectional multi-head attention,
@@ -20,6 +24,11 @@ from ml.module import Module, weight
 from ml.nn import Conv2D, Embedding, LayerNorm, Linear, RMSNorm, attention
 
 
+# llamafile's tinyBLAS (ggml's tiled F32 GEMM on x86) needs the inner size to be a multiple of its vector width:
+# 16 floats with AVX-512 (8 with AVX2); a head size that is not goes to a row-by-row fallback, ~2x slower here.
+GEMM_INNER_MULTIPLE = 16
+
+
 @dataclass(frozen=True)
 class VisionParams:
     n_embd: int
@@ -32,6 +41,8 @@ class VisionParams:
     eps: float
     tokens_per_image: int
     n_text_embd: int
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
 
     @property
     def patches_per_side(self) -> int:
@@ -48,8 +59,10 @@ class VisionParams:
 
     @staticmethod
     def read(b: Backend, n_text_embd: int) -> VisionParams | None:
-        """From `<arch>.vision.*` and `<arch>.mm_tokens_per_image` (Ollama's names); None when the file has no
-        vision tower."""
+        """From `<arch>.vision.*` and `<arch>.mm_tokens_per_image` (Ollama's names), or from a projector file's
+        `clip.*` keys; None when there is no vision tower."""
+        if "clip.has_vision_encoder" in b.metadata or "clip.projector_type" in b.metadata:
+            return VisionParams._read_clip(b, n_text_embd)
         arch = b.architecture
         if f"{arch}.vision.block_count" not in b.metadata:
             return None
@@ -60,6 +73,40 @@ class VisionParams:
             image_size=b.uint(v + "image_size"), patch_size=b.uint(v + "patch_size"),
             n_channels=b.uint(v + "num_channels", 3), eps=b.float(v + "attention.layer_norm_epsilon", 1e-6),
             tokens_per_image=b.uint("mm_tokens_per_image", 256), n_text_embd=n_text_embd)
+        p.check()
+        return p
+
+    @staticmethod
+    def _read_clip(b: Backend, n_text_embd: int) -> VisionParams:
+        """llama.cpp's projector keys (clip-impl.h). The pooling is `clip.vision.projector.scale_factor` patches
+        per side (4 unless written, as clip.cpp assumes for Gemma 3), so tokens_per_image follows from it."""
+        # a file with several encoders (vision + audio) names the vision one's type under clip.vision.
+        kind = b.metadata.get("clip.vision.projector_type", b.metadata.get("clip.projector_type"))
+        if kind != "gemma3":
+            raise ValueError(f"projector type {kind!r} is not supported with a gemma3 model (expected 'gemma3')")
+        if not b.bool("clip.has_vision_encoder", False):
+            raise ValueError("the projector file has no vision encoder (clip.has_vision_encoder is not true)")
+        v = "clip.vision."
+        width = b.uint(v + "projection_dim", n_text_embd)
+        if width != n_text_embd:
+            raise ValueError(f"the projector's output width ({v}projection_dim {width}) does not match the "
+                             f"model's embedding_length {n_text_embd}")
+        image_size, patch_size = b.uint(v + "image_size"), b.uint(v + "patch_size")
+        scale = b.uint(v + "projector.scale_factor", 4)
+        per_side = image_size // patch_size if patch_size else 0
+        if not scale or per_side % scale:
+            raise ValueError(f"projector.scale_factor {scale} does not divide the {per_side} patches per side")
+        side = per_side // scale
+        mean, std = b.floats(v + "image_mean", (0.5,) * 3), b.floats(v + "image_std", (0.5,) * 3)
+        if len(mean) != 3 or len(std) != 3 or not all(float(s) > 0 for s in std):
+            raise ValueError(f"invalid image_mean {mean.tolist()} / image_std {std.tolist()}")
+        p = VisionParams(
+            n_embd=b.uint(v + "embedding_length"), n_head=b.uint(v + "attention.head_count"),
+            n_layer=b.uint(v + "block_count"), n_ff=b.uint(v + "feed_forward_length"),
+            image_size=image_size, patch_size=patch_size, n_channels=3,
+            eps=b.float(v + "attention.layer_norm_epsilon", 1e-6), tokens_per_image=side * side,
+            n_text_embd=n_text_embd, image_mean=(float(mean[0]), float(mean[1]), float(mean[2])),
+            image_std=(float(std[0]), float(std[1]), float(std[2])))
         p.check()
         return p
 
@@ -93,20 +140,17 @@ def _v(p: Any) -> VisionParams:
 
 
 @dataclass(kw_only=True)
-class VisionMLP(Module):
-    fc1: Linear = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_ff))
-    fc2: Linear = weight(shape=lambda p: (_v(p).n_ff, _v(p).n_embd))
-
-
-@dataclass(kw_only=True)
 class VisionBlock(Module):
-    layer_norm1: LayerNorm = weight(shape=lambda p: (_v(p).n_embd,))
+    """Field names are Ollama's; the alternates are clip.cpp's (whose MLP sits directly in the block)."""
+
+    layer_norm1: LayerNorm = weight(alt="ln1", shape=lambda p: (_v(p).n_embd,))
     attn_q: Linear = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_embd))
     attn_k: Linear = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_embd))
     attn_v: Linear = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_embd))
-    attn_output: Linear = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_embd))
-    layer_norm2: LayerNorm = weight(shape=lambda p: (_v(p).n_embd,))
-    mlp: VisionMLP = weight()
+    attn_output: Linear = weight(alt="attn_out", shape=lambda p: (_v(p).n_embd, _v(p).n_embd))
+    layer_norm2: LayerNorm = weight(alt="ln2", shape=lambda p: (_v(p).n_embd,))
+    fc1: Linear = weight(name="mlp.fc1", alt="ffn_up", shape=lambda p: (_v(p).n_embd, _v(p).n_ff))
+    fc2: Linear = weight(name="mlp.fc2", alt="ffn_down", shape=lambda p: (_v(p).n_ff, _v(p).n_embd))
 
     def forward(self, ctx: Context, x: Tensor, p: VisionParams) -> Tensor:
         n, head_dim = p.n_patches, p.n_embd // p.n_head
@@ -115,10 +159,14 @@ class VisionBlock(Module):
         # keys and values as attention() reads a cache: [head_dim, n_kv, n_head]
         k = self.attn_k.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
         v = self.attn_v.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
-        a = attention(ctx, q, k.contiguous(ctx), v.contiguous(ctx), None, 1.0 / math.sqrt(head_dim))
+        k = k.contiguous(ctx)
+        pad = -head_dim % GEMM_INNER_MULTIPLE
+        if pad:  # zero columns add nothing to a score; they let ggml's tiled GEMM take SigLIP's 72-wide heads
+            q, k = q.pad(ctx, pad), k.pad(ctx, pad)
+        a = attention(ctx, q, k, v.contiguous(ctx), None, 1.0 / math.sqrt(head_dim), gemm_queries=True)
         x = x.add(ctx, self.attn_output.forward(ctx, a))  # every patch sees every patch: no mask
         h = self.layer_norm2.forward(ctx, x, p.eps)
-        return x.add(ctx, self.mlp.fc2.forward(ctx, self.mlp.fc1.forward(ctx, h).gelu(ctx)))
+        return x.add(ctx, self.fc2.forward(ctx, self.fc1.forward(ctx, h).gelu(ctx)))
 
 
 @dataclass(kw_only=True)
@@ -126,10 +174,10 @@ class VisionTower(Module):
     """`v.*`: pixels [W, H, C] -> patch states [n_embd, n_patches] (patches in row-major order)."""
 
     patch_embedding: Conv2D = weight(
-        shape=lambda p: (_v(p).patch_size, _v(p).patch_size, _v(p).n_channels, _v(p).n_embd))
-    position_embedding: Embedding = weight(shape=lambda p: (_v(p).n_embd, _v(p).n_patches))
+        alt="patch_embd", shape=lambda p: (_v(p).patch_size, _v(p).patch_size, _v(p).n_channels, _v(p).n_embd))
+    position_embedding: Embedding = weight(alt="position_embd", shape=lambda p: (_v(p).n_embd, _v(p).n_patches))
     blk: list[VisionBlock] = weight(count=lambda p: _v(p).n_layer)
-    post_layernorm: LayerNorm = weight(shape=lambda p: (_v(p).n_embd,))
+    post_layernorm: LayerNorm = weight(alt="post_ln", shape=lambda p: (_v(p).n_embd,))
 
     def forward(self, ctx: Context, pixels: Tensor, p: VisionParams) -> Tensor:
         ps = p.patch_size
@@ -147,8 +195,8 @@ class Gemma3Projector(Module):
     """`mm.*`: patch states -> tokens_per_image soft tokens [n_text_embd, tokens]. The projection is stored as
     Hugging Face's (vision, text) matrix, i.e. ggml [n_text, n_vision], used transposed (as Ollama does)."""
 
-    mm_soft_emb_norm: RMSNorm = weight(shape=lambda p: (_v(p).n_embd,))
-    mm_input_projection: Linear = weight(shape=lambda p: (_v(p).n_text_embd, _v(p).n_embd))
+    mm_soft_emb_norm: RMSNorm = weight(alt="soft_emb_norm", shape=lambda p: (_v(p).n_embd,))
+    mm_input_projection: Linear = weight(alt="input_projection", shape=lambda p: (_v(p).n_text_embd, _v(p).n_embd))
 
     def forward(self, ctx: Context, x: Tensor, p: VisionParams) -> Tensor:
         side, k = p.patches_per_side, p.pool_kernel

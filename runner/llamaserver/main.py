@@ -24,9 +24,6 @@ def _log_flags(cfg: ServeConfig, unknown: Sequence[str]) -> None:
         log.warning("ignoring unknown flags: %s", " ".join(unknown))
     if cfg.ignored:
         log.info("speculative decoding is not supported; ignoring %s", ", ".join(cfg.ignored))
-    if cfg.mmproj:
-        log.warning("--mmproj %s: a separate projector file is not read; images work when the model file itself "
-                    "carries the vision tower (Ollama's gemma3 files)", cfg.mmproj)
     if cfg.chat_template_name:
         log.warning("--chat-template %s: built-in templates are not bundled; using the model's own",
                     cfg.chat_template_name)
@@ -48,7 +45,7 @@ def _load(cfg: ServeConfig, state: Any) -> None:
             kv = _kv_type("f16")
         quantized_kv = cfg.cache_type_k != "f16" and kv is not _kv_type("f16")
         flash = cfg.flash_attn == "on" or (cfg.flash_attn == "auto" and quantized_kv)
-        loaded = Loaded(cfg.model, cfg.threads, None, cfg.n_gpu_layers, cfg.main_gpu, (), flash)
+        loaded = Loaded(cfg.model, cfg.threads, None, cfg.n_gpu_layers, cfg.main_gpu, (), flash, mmproj=cfg.mmproj)
         params = loaded.model.params
         n_ctx_train = int(getattr(params, "n_ctx_train", 0) or 0)
         n_ctx = cfg.ctx_size or n_ctx_train or 4096
