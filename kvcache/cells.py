@@ -86,6 +86,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from kvcache.arrays import all_distinct, batch_arrays, bounds, readonly
 from kvcache.errors import CacheFullError, NotSupportedError
 from kvcache.masks import (
     KV_PAD_DEFAULT,
@@ -101,31 +102,6 @@ EMPTY = -1
 
 
 _DECODE_FAST_MAX = 64  # batches up to this size with one token per sequence take ordered_free_cells' fast path
-_SMALL = 64  # arrays up to this size are checked in plain Python (cheaper than numpy's per-call cost)
-
-
-def _bounds(a: NDArray[Any]) -> tuple[int, int]:
-    """(min, max) of a non-empty integer array."""
-    if a.size <= _SMALL:
-        values = a.tolist()
-        return min(values), max(values)
-    return int(a.min()), int(a.max())
-
-
-def _batch_arrays(positions: ArrayLike, seqs: ArrayLike,
-                  pos_dtype: type[np.int32] | type[np.int64]) -> tuple[NDArray[Any], NDArray[np.intp]]:
-    """A batch's positions and sequence ids as arrays; raises ValueError unless both are 1-D of one length."""
-    pos = np.asarray(positions, dtype=pos_dtype)
-    seq = np.asarray(seqs, dtype=np.intp)
-    if pos.ndim != 1 or seq.shape != pos.shape:
-        raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
-    return pos, seq
-
-
-def _readonly(a: NDArray[Any]) -> NDArray[Any]:
-    view = a.view()
-    view.flags.writeable = False
-    return view
 
 
 class CellTable:
@@ -166,12 +142,12 @@ class CellTable:
     @property
     def positions(self) -> NDArray[np.int32]:
         """Read-only live view: int32[capacity] cell positions (-1 = empty)."""
-        return _readonly(self._pos)
+        return readonly(self._pos)
 
     @property
     def sequences(self) -> NDArray[np.bool_]:
         """Read-only live view: bool[capacity, max_sequences], [cell, seq]."""
-        return _readonly(self._member.T)
+        return readonly(self._member.T)
 
     @property
     def n_used(self) -> int:
@@ -233,13 +209,13 @@ class CellTable:
         Raises:
             CacheFullError: fewer than ``n`` cells are free at all.
         """
-        pos, seq = _batch_arrays(positions, seqs, np.int32)
+        pos, seq = batch_arrays(positions, seqs, np.int32)
         self._check_seqs(seq)
         free = self._pos < 0
         n_free = int(np.count_nonzero(free))
         if n_free < pos.size:
             raise CacheFullError(f"need {pos.size} cells, only {n_free} of {self._capacity} free")
-        if pos.size <= _DECODE_FAST_MAX and len(set(seq.tolist())) == pos.size:
+        if pos.size <= _DECODE_FAST_MAX and all_distinct(seq):
             return self._one_cell_per_sequence(seq, free)
         return self._cells_by_sequence(pos, seq, free)
 
@@ -347,7 +323,7 @@ class CellTable:
         Raises:
             ValueError: bad shapes/ids, or a target cell is not free.
         """
-        pos, seq = _batch_arrays(positions, seqs, np.int32)
+        pos, seq = batch_arrays(positions, seqs, np.int32)
         n = pos.size
         if isinstance(cells, (int, np.integer)):
             idx = np.arange(int(cells), int(cells) + n, dtype=np.intp)
@@ -355,14 +331,14 @@ class CellTable:
             idx = np.asarray(cells, dtype=np.intp)
             if idx.shape != pos.shape:
                 raise ValueError(f"cells {idx.shape} must match positions {pos.shape}")
-            if (len(set(idx.tolist())) if n <= _SMALL else np.unique(idx).size) != n:
+            if not all_distinct(idx):
                 raise ValueError("duplicate cell indices")
         if n == 0:
             return idx.astype(np.int32)
-        lo, hi = _bounds(idx)
+        lo, hi = bounds(idx)
         if lo < 0 or hi >= self._capacity:
             raise ValueError(f"cell indices outside [0, {self._capacity})")
-        if _bounds(pos)[0] < 0:
+        if bounds(pos)[0] < 0:
             raise ValueError("positions must be >= 0")
         self._check_seqs(seq)
         busy = idx[self._pos[idx] >= 0]
@@ -445,7 +421,7 @@ class CellTable:
             ``(round_up(n_tokens, row_pad), stop - start)`` array of 0/-inf
             (ggml ``ne = [n_kv, n_rows]``).
         """
-        pos, seq = _batch_arrays(positions, seqs, np.int32)
+        pos, seq = batch_arrays(positions, seqs, np.int32)
         if seq.size:
             self._check_seqs(seq)
         start, stop = self.kv_range(kv_pad) if kv_range is None else kv_range
@@ -564,11 +540,11 @@ class CellTable:
         """
         if window < 0:
             raise ValueError(f"window must be >= 0, got {window}")
-        pos, seq = _batch_arrays(positions, seqs, np.int64)
+        pos, seq = batch_arrays(positions, seqs, np.int64)
         if seq.size == 0:
             return np.empty(0, dtype=np.int32)
         self._check_seqs(seq)
-        if len(set(seq.tolist())) == seq.size:  # one token per sequence (a decode step): its position is lowest
+        if all_distinct(seq):  # one token per sequence (a decode step): its position is lowest
             rows, threshold = seq, pos - window
         else:
             lowest = np.full(self._max_sequences, np.iinfo(np.int64).max, dtype=np.int64)
@@ -599,7 +575,7 @@ class CellTable:
 
     def _check_seqs(self, seqs: NDArray[np.intp]) -> None:
         if seqs.size:
-            lo, hi = _bounds(seqs)
+            lo, hi = bounds(seqs)
             if lo < 0 or hi >= self._max_sequences:
                 raise ValueError(f"sequence ids outside [0, {self._max_sequences})")
 
