@@ -117,19 +117,13 @@ class GgmlContext:
         """Overwrite an allocated tensor's contents (same byte size) — for reusing input tensors across steps."""
         t: GgmlTensor = tensor  # type: ignore[assignment]
         p = t._ptr
-        # The per-step path of a reused graph: same element type, contiguous, same size -> straight in.
-        if (array.dtype == _PLAIN_NUMPY.get(int(p.type)) and array.flags.c_contiguous
-                and array.nbytes == lib.ggml_nbytes(p)):
-            lib.ggml_backend_tensor_set(p, ffi.from_buffer(array), 0, array.nbytes)
-            return
-        dt = t.dtype
-        if not dt.is_quantized and dt != DType.BF16 and array.dtype == dt.numpy and array.flags.c_contiguous:
+        if array.dtype == _PLAIN_NUMPY.get(int(p.type)) and array.flags.c_contiguous:
             data = array  # the per-step path of a reused graph: no conversion, no copy
         else:
-            data = _encode(np.ascontiguousarray(array), dt)
-        if data.nbytes != t.nbytes:
+            data = _encode(np.ascontiguousarray(array), t.dtype)
+        if data.nbytes != lib.ggml_nbytes(p):
             raise GgmlError(f"set: {data.nbytes} bytes for tensor {t.name!r} of {t.nbytes} bytes")
-        lib.ggml_backend_tensor_set(t._ptr, ffi.from_buffer(data), 0, data.nbytes)
+        lib.ggml_backend_tensor_set(p, ffi.from_buffer(data), 0, data.nbytes)
 
     def arange(self, start: float, stop: float, step: float = 1.0, dtype: DType = DType.F32) -> GgmlTensor:
         values = np.arange(start, stop, step)
