@@ -44,11 +44,7 @@ def data_uri(data: bytes) -> str:
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("serve-vision") / "gemma3-vision.gguf"
-    text, tv.TEXT = tv.TEXT, gemma3_spec(image_tokens=True)
-    try:
-        tv.write_vision_gguf(path)
-    finally:
-        tv.TEXT = text
+    tv.write_vision_gguf(path, text=gemma3_spec(image_tokens=True))
     return path
 
 

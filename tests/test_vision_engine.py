@@ -39,12 +39,7 @@ def png(seed: int, size: int = 24) -> bytes:
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Loaded]:
     path = tmp_path_factory.mktemp("vision-engine") / "gemma3-vision.gguf"
-    import test_vision_gemma3 as tv
-    text, tv.TEXT = tv.TEXT, gemma3_spec(image_tokens=True)
-    try:
-        write_vision_gguf(path)
-    finally:
-        tv.TEXT = text
+    write_vision_gguf(path, text=gemma3_spec(image_tokens=True))
     m = Loaded(str(path), 1)
     yield m
     m.backend.close()
@@ -256,13 +251,8 @@ def test_an_image_batch_never_reuses_a_text_graph(loaded: Loaded) -> None:
 def test_the_same_image_reuses_the_cache_and_another_does_not(tmp_path: Path) -> None:
     """A window wide enough to resume (the module's tiny model has 3): the same prompt and image again evaluate only
     the last input; another image reuses exactly the inputs before its first soft token."""
-    import test_vision_gemma3 as tv
     path = tmp_path / "gemma3-vision-wide.gguf"
-    text, tv.TEXT = tv.TEXT, gemma3_spec(image_tokens=True, window=64)
-    try:
-        write_vision_gguf(path)
-    finally:
-        tv.TEXT = text
+    write_vision_gguf(path, text=gemma3_spec(image_tokens=True, window=64))
     m = Loaded(str(path), 1)
     e = Engine(m.backend, m.model, m.tokenizer, n_ctx=256, n_batch=64, parallel=1)
     e.start()

@@ -17,15 +17,17 @@ from ml.errors import ModelLoadError
 from models import load_model
 from models.vision.image import ImageSpec
 from test_models_tiny import TOL_GELU, rel_err
-from tiny_gguf import VisionSpec, gemma3_spec, make_vision_weights, write_gguf
+from tiny_gguf import TinySpec, VisionSpec, gemma3_spec, make_vision_weights, write_gguf
 
 VS = VisionSpec()
 TEXT = gemma3_spec()
 
 
-def write_vision_gguf(path: Path, vs: VisionSpec = VS, seed: int = 3, **edits: Any) -> dict[str, np.ndarray]:
-    vision = make_vision_weights(vs, TEXT.n_embd, seed)
-    spec = TEXT.with_(extra_kv={**vs.kv(), **edits.pop("kv", {})})
+def write_vision_gguf(path: Path, vs: VisionSpec = VS, seed: int = 3, text: TinySpec = TEXT,
+                      **edits: Any) -> dict[str, np.ndarray]:
+    """A tiny gemma3 GGUF (the text model `text`) with a SigLIP tower and projector in Ollama's layout."""
+    vision = make_vision_weights(vs, text.n_embd, seed)
+    spec = text.with_(extra_kv={**vs.kv(), **edits.pop("kv", {})})
     return write_gguf(path, spec, add={**vision, **edits.pop("add", {})}, seed=seed, **edits)
 
 

@@ -30,11 +30,7 @@ IMAGES = {0: png(1), 1: png(2)}
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Loaded, dict[str, np.ndarray]]]:
     path = tmp_path_factory.mktemp("vision-text") / "gemma3-vision.gguf"
-    text, tv.TEXT = tv.TEXT, SPEC
-    try:
-        weights = tv.write_vision_gguf(path)
-    finally:
-        tv.TEXT = text
+    weights = tv.write_vision_gguf(path, text=SPEC)
     m = Loaded(str(path), 1)
     yield m, weights
     m.backend.close()
