@@ -16,7 +16,8 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
-from test_server_support import HEALTH_DEADLINE_S, PYTHON, REPO, RunnerProcess, complete, p3_request
+from test_server_support import (HEALTH_DEADLINE_S, PYTHON, REPO, HealthWatch, RunnerProcess, complete, describe,
+                                 p3_request, worst_latency)
 
 from ml.batch import Batch
 from ml.dtype import DType
@@ -193,9 +194,6 @@ def test_concurrent_embeddings_and_a_completion(runner: RunnerProcess, reference
     with runner.client() as c:
         serial = [_http_embed(c, t) for t in texts]
         barrier = threading.Barrier(len(texts) + 1)
-        latencies: list[float] = []
-        statuses: list[Any] = []
-        stop = threading.Event()
 
         def embed(t: str) -> Vector:
             barrier.wait()
@@ -205,30 +203,20 @@ def test_concurrent_embeddings_and_a_completion(runner: RunnerProcess, reference
             barrier.wait()
             return complete(c, p3_request("The capital of France is", num_predict=10))
 
-        def poll() -> None:
-            with runner.client(timeout=5.0) as hc:
-                while not stop.is_set() or len(latencies) < 3:
-                    r = hc.get("/health")
-                    latencies.append(r.elapsed.total_seconds())
-                    statuses.append(r.json())
-
-        poller = threading.Thread(target=poll)
-        poller.start()
-        try:
-            with ThreadPoolExecutor(len(texts) + 1) as pool:
-                gen = pool.submit(generate)
-                vecs = list(pool.map(embed, texts))
-                completion = gen.result()
-        finally:
-            stop.set()
-            poller.join()
+        with HealthWatch(runner.url, runner.t_start, interval=0.0) as watch, \
+                ThreadPoolExecutor(len(texts) + 1) as pool:
+            gen = pool.submit(generate)
+            vecs = list(pool.map(embed, texts))
+            completion = gen.result()
     for t, v, s in zip(texts, vecs, serial):
         np.testing.assert_array_equal(v, s, err_msg=t[:40])
     assert completion.status == 500
     assert completion.body == b"Failed to create new sequence: this model does not support generation\n"
     assert completion.headers["content-type"].startswith("text/plain")
-    assert all(st == {"status": 0, "progress": 1} for st in statuses), statuses
-    assert max(latencies) < HEALTH_DEADLINE_S, max(latencies)
+    assert len(watch.polls) >= 3
+    assert all(p.body == {"status": 0, "progress": 1} for p in watch.polls), [p.body for p in watch.polls]
+    worst = worst_latency(watch.polls)
+    assert worst.runner_latency < HEALTH_DEADLINE_S, describe(worst)
 
 
 def test_embed_command(ggufs: dict[str, Path], embedders: Callable[[str], Embedder]) -> None:

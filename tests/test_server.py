@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 import httpx
 import pytest
-from test_server_support import (HEALTH_DEADLINE_S, PYTHON, REPO, HealthPoll, RunnerProcess, Stream, complete,
-                                 p3_request)
+from test_server_support import (HEALTH_DEADLINE_S, PYTHON, REPO, HealthWatch, RunnerProcess, Stream, complete,
+                                 describe, p3_request, worst_latency)
 
 pytestmark = pytest.mark.slow
 
@@ -92,9 +92,9 @@ def test_health_while_loading(runner4: RunnerProcess) -> None:
     assert progress[0] < 0.5, progress
     assert polls[-1].body == {"status": 0, "progress": 1}
     assert all(p.body["status"] in (0, 2) for p in polls)
-    worst = max(p.latency for p in polls)
-    print(f"\n/health during load: {len(polls)} polls ({len(loading)} loading), max latency {worst * 1000:.1f} ms")
-    assert worst < HEALTH_DEADLINE_S, [(round(p.t, 3), round(p.latency, 3)) for p in polls if p.latency >= 0.1]
+    worst = worst_latency(polls)
+    print(f"\n/health during load: {len(polls)} polls ({len(loading)} loading), worst {describe(worst)}")
+    assert worst.runner_latency < HEALTH_DEADLINE_S, describe(worst)
 
 
 # ---- P3 streaming ----------------------------------------------------------------------------------------------
@@ -154,32 +154,16 @@ def test_stop_string_spanning_tokens(runner4: RunnerProcess) -> None:
 
 def test_health_during_generation(runner4: RunnerProcess) -> None:
     """Ollama's scheduler pings /health while sequences run; it must answer in < 200 ms with 4 streams going."""
-    polls: list[HealthPoll] = []
-    stop = threading.Event()
-
-    def poll() -> None:
-        with runner4.client(timeout=5.0) as c:
-            while not stop.is_set():
-                t0 = time.monotonic()
-                r = c.get("/health")
-                polls.append(HealthPoll(t0 - runner4.t_start, time.monotonic() - t0, r.json()))
-                time.sleep(0.01)
-
-    poller = threading.Thread(target=poll)
-    with runner4.client() as c, ThreadPoolExecutor(4) as pool:
-        poller.start()
-        try:
-            streams = list(pool.map(lambda p: complete(c, p3_request(p, num_predict=48)), PROMPTS))
-        finally:
-            stop.set()
-            poller.join()
+    with runner4.client() as c, ThreadPoolExecutor(4) as pool, HealthWatch(runner4.url, runner4.t_start) as watch:
+        streams = list(pool.map(lambda p: complete(c, p3_request(p, num_predict=48)), PROMPTS))
     for s in streams:
         assert _ok(s).final["eval_count"] == 48
+    polls = watch.polls
     assert len(polls) >= 20, len(polls)
     assert all(p.body == {"status": 0, "progress": 1} for p in polls)
-    worst = max(p.latency for p in polls)
-    print(f"\n/health during 4-way generation: {len(polls)} polls, max latency {worst * 1000:.1f} ms")
-    assert worst < HEALTH_DEADLINE_S
+    worst = worst_latency(polls)
+    print(f"\n/health during 4-way generation: {len(polls)} polls, worst {describe(worst)}")
+    assert worst.runner_latency < HEALTH_DEADLINE_S, describe(worst)
 
 
 def _first_difference(a: list[str], b: list[str]) -> int:

@@ -2,14 +2,17 @@
 (`python -m runner.cli runner --model … --port P`), poll /health like llm/server.go, read NDJSON streams."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import TracebackType
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +35,111 @@ class HealthPoll:
     t: float  # seconds since the process was started
     latency: float  # seconds the request took
     body: dict[str, Any]
+    lost: float = 0.0  # seconds of that latency in which this test process itself could not run (see PauseProbe)
+
+    @property
+    def runner_latency(self) -> float:
+        """What the runner is answerable for: the round trip less the test process's own stalls."""
+        return self.latency - self.lost
+
+
+class PauseProbe:
+    """Measures when this test process could not run, so a /health latency test judges the runner, not the machine.
+
+    On a shared 2-core CI machine a poll can take over 200 ms although the runner answered at once: this process
+    was descheduled, or stopped for a full garbage collection of the whole test session's heap. Inside the block the
+    collector is off, and a thread that sleeps 2 ms at a time records how late each wake-up was; `lost(t0, t1)` is
+    the lateness that fell inside [t0, t1]. A runner that stalls leaves the poller blocked in a socket read (the GIL
+    released), so this thread wakes on time and nothing is subtracted: a real stall still fails the test."""
+
+    TICK_S = 0.002
+
+    def __init__(self) -> None:
+        self._late: list[tuple[float, float]] = []  # (when the wake-up was due, when it came)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pause-probe", daemon=True)
+        self._gc_was_enabled = False
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            due = time.monotonic() + self.TICK_S
+            time.sleep(self.TICK_S)
+            woke = time.monotonic()
+            if woke > due:
+                self._late.append((due, woke))
+
+    def __enter__(self) -> PauseProbe:
+        self._gc_was_enabled = gc.isenabled()
+        gc.disable()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._gc_was_enabled:
+            gc.enable()
+
+    def lost(self, t0: float, t1: float) -> float:
+        return sum(max(0.0, min(woke, t1) - max(due, t0)) for due, woke in list(self._late))
+
+
+class HealthWatch:
+    """Polls /health on a thread every `interval` seconds while the block runs (inside a PauseProbe); each answer is
+    kept as a HealthPoll whose `t` is seconds since `t_start`."""
+
+    def __init__(self, url: str, t_start: float, interval: float = 0.01,
+                 check: Callable[[httpx.Response], None] | None = None) -> None:
+        self.url, self.t_start, self.interval, self.check = url, t_start, interval, check
+        self.polls: list[HealthPoll] = []
+        self._probe = PauseProbe()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="health-watch", daemon=True)
+        self._errors: list[BaseException] = []
+
+    def _run(self) -> None:
+        try:
+            with httpx.Client(base_url=self.url, timeout=10.0) as c:
+                while not self._stop.is_set():
+                    t0 = time.monotonic()
+                    r = c.get("/health")
+                    t1 = time.monotonic()
+                    if self.check is not None:
+                        self.check(r)
+                    self.polls.append(HealthPoll(t0 - self.t_start, t1 - t0, r.json()))  # `lost` is set at exit
+                    self._stop.wait(self.interval)
+        except BaseException as e:  # surfaced by __exit__ in the test's thread
+            self._errors.append(e)
+
+    def __enter__(self) -> HealthWatch:
+        self._probe.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self._probe.__exit__()
+        for p in self.polls:
+            t0 = p.t + self.t_start
+            p.lost = self._probe.lost(t0, t0 + p.latency)
+        if self._errors and exc is None:
+            raise self._errors[0]
+
+    def between(self, t0: float, t1: float) -> list[HealthPoll]:
+        """The polls that started between the monotonic times t0 and t1."""
+        return [p for p in self.polls if t0 <= p.t + self.t_start <= t1]
+
+
+def worst_latency(polls: Sequence[HealthPoll]) -> HealthPoll:
+    """The poll the runner took longest over (its round trip less the test process's own stalls)."""
+    return max(polls, key=lambda p: p.runner_latency)
+
+
+def describe(p: HealthPoll) -> str:
+    return f"{p.runner_latency * 1000:.1f} ms (round trip {p.latency * 1000:.1f} ms, test process stalled " \
+           f"{p.lost * 1000:.1f} ms of it)"
 
 
 @dataclass
@@ -83,7 +191,7 @@ class RunnerProcess:
         """Poll /health as fast as possible from process start until status is ready (0 or "ok"); every answer is
         recorded in `load_polls` with its latency. Fails if the process dies or never gets ready."""
         deadline = time.monotonic() + timeout
-        with httpx.Client(base_url=self.url, timeout=5.0) as c:
+        with httpx.Client(base_url=self.url, timeout=5.0) as c, PauseProbe() as probe:
             while True:
                 if self.proc.poll() is not None:
                     raise AssertionError(f"runner exited with {self.proc.returncode}:\n{self.stderr()[-3000:]}")
@@ -95,9 +203,9 @@ class RunnerProcess:
                 except httpx.TransportError:  # not listening yet
                     time.sleep(0.005)
                     continue
-                latency = time.monotonic() - t0
+                t1 = time.monotonic()
                 body = r.json()
-                self.load_polls.append(HealthPoll(t0 - self.t_start, latency, body))
+                self.load_polls.append(HealthPoll(t0 - self.t_start, t1 - t0, body, probe.lost(t0, t1)))
                 if body.get("status") in (0, "ok"):
                     return self.load_polls
                 time.sleep(0.002)

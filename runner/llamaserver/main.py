@@ -33,7 +33,7 @@ def _log_flags(cfg: ServeConfig, unknown: Sequence[str]) -> None:
 
 def _load(cfg: ServeConfig, state: Any) -> None:
     from models.tokenizer.metadata import get_str
-    from runner.cli import Loaded
+    from runner.cli import Loaded, settle_heap
     from runner.engine import Engine
     from runner.llamaserver.template import CHATML_TEMPLATE, ChatTemplate
 
@@ -61,6 +61,7 @@ def _load(cfg: ServeConfig, state: Any) -> None:
         state.template = ChatTemplate(source or CHATML_TEMPLATE, bos_token=bos, eos_token=eos)
         state.meta = {"n_vocab": int(tok.n_vocab), "n_ctx_train": n_ctx_train,
                       "n_embd": int(getattr(params, "n_embd", 0) or 0)}
+        settle_heap()
         state.engine = engine
         log.info("model loaded: %d slot(s) of %d tokens; listening on http://%s:%d", engine.parallel,
                  engine.n_ctx_slot, cfg.host, cfg.port)
@@ -86,6 +87,8 @@ def run_serve(argv: Sequence[str]) -> int:
     logging.basicConfig(level=logging.DEBUG if cfg.verbose else logging.INFO, stream=sys.stderr,
                         format="time=%(asctime)s level=%(levelname)s source=%(name)s msg=\"%(message)s\"")
     _log_flags(cfg, unknown)
+    from runner.cli import share_the_interpreter
+    share_the_interpreter()
     name = cfg.alias or os.path.basename(cfg.model)
     state = ServeState(model_path=cfg.model, model_name=name, n_ctx_slot_cap=not cfg.context_shift, keep=cfg.keep,
                        n_predict=cfg.n_predict, api_key=cfg.api_key,
