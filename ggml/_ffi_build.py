@@ -255,7 +255,12 @@ int64_t pyrunner_row_matmul_max_k(void);
 struct ggml_tensor * pyrunner_row_matmul(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * b);
 """
 
-CDEF = CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC + CDEF_ROW_MATMUL
+CDEF_TIME_BOX = """
+// ---- a time box for one CPU graph compute (the thread governor's trials) ----
+void pyrunner_cpu_time_box(ggml_backend_t backend_cpu, double * deadline, double seconds);
+"""
+
+CDEF = CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC + CDEF_ROW_MATMUL + CDEF_TIME_BOX
 
 C_SOURCE = """
 #include "ggml.h"
@@ -264,7 +269,30 @@ C_SOURCE = """
 #include "ggml-cpu.h"
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
+
+/* ggml's CPU backend asks its abort callback after every node (thread 0 only); this one says stop once the
+   monotonic clock passes *deadline. The graph then ends with GGML_STATUS_ABORTED and its outputs are not valid. A
+   time box of 0 seconds or less removes the callback (so the usual compute pays nothing). */
+static double pyrunner_monotonic(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double) ts.tv_sec + 1e-9 * (double) ts.tv_nsec;
+}
+
+static bool pyrunner_past_deadline(void * data) {
+    return pyrunner_monotonic() > *(const double *) data;
+}
+
+void pyrunner_cpu_time_box(ggml_backend_t backend_cpu, double * deadline, double seconds) {
+    if (seconds <= 0.0) {
+        ggml_backend_cpu_set_abort_callback(backend_cpu, NULL, NULL);
+        return;
+    }
+    *deadline = pyrunner_monotonic() + seconds;
+    ggml_backend_cpu_set_abort_callback(backend_cpu, pyrunner_past_deadline, deadline);
+}
 
 #ifdef PYRUNNER_RPC
 #include "ggml-rpc.h"

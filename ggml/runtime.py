@@ -110,22 +110,45 @@ class Runtime:
                             "ggml_backend_sched_new", f"{len(backends)} backends")
         self._finalizer = weakref.finalize(self, _free_runtime, self._sched, backends, self._threadpool)
         self._threads_now = max(1, opts.threads)
+        self._deadline = ffi.new("double *")  # the time box's deadline, read by the C abort callback
         self.governor = (ThreadGovernor(self._threads_now)
                          if opts.adaptive_threads and self._threads_now > 1 and not self.gpus else None)
 
     def run_graph(self, graph: CData, repeat_of: object | None = None) -> None:
         """Compute an allocated graph. `repeat_of` names it when it ran before (its timing then compares with
         the last runs', and the thread governor may try another thread count on it)."""
-        n = self.governor.threads(repeat_of) if self.governor is not None else self._threads_now
+        gov = self.governor
+        n = gov.threads(repeat_of) if gov is not None else self._threads_now
+        budget = gov.budget(n) if gov is not None else None
+        if budget is not None:
+            if self._compute(n, graph, repeat_of, budget):
+                return
+            assert gov is not None
+            n = gov.threads(repeat_of)  # the trial lost (its observation ended it): the current count redoes it
+        self._compute(n, graph, repeat_of, None)
+
+    def _compute(self, n: int, graph: CData, repeat_of: object | None, budget: float | None) -> bool:
+        """Compute `graph` with `n` threads, stopped after `budget` seconds when given; whether it finished (a
+        stopped graph's outputs are not valid, so it must be computed again)."""
         if n != self._threads_now:
             self._set_threads(n)
+        if budget is not None:
+            lib.pyrunner_cpu_time_box(self.cpu_backend, self._deadline, budget)
         started, cpu_started = time.perf_counter(), time.thread_time()
-        check_status(lib.ggml_backend_sched_graph_compute(self._sched, graph), "ggml_backend_sched_graph_compute")
+        try:
+            status = lib.ggml_backend_sched_graph_compute(self._sched, graph)
+        finally:
+            if budget is not None:
+                lib.pyrunner_cpu_time_box(self.cpu_backend, self._deadline, 0.0)
         seconds = time.perf_counter() - started
         self.compute_seconds += seconds
         self.compute_thread_seconds += time.thread_time() - cpu_started
+        aborted = budget is not None and status == lib.GGML_STATUS_ABORTED
+        if not aborted:
+            check_status(status, "ggml_backend_sched_graph_compute")
         if self.governor is not None:
-            self.governor.observe(repeat_of, n, seconds)
+            self.governor.observe(repeat_of, n, seconds, finished=not aborted)
+        return not aborted
 
     def _set_threads(self, n: int) -> None:
         # One thread runs without the pool: its idle workers would otherwise wake and spin at every graph.

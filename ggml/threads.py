@@ -9,11 +9,18 @@ neighbouring thread count and keeps whichever is faster. A trial that is clearly
 trials back off (16, 32, ... 256 steps apart) while they keep losing, so a quiet machine pays well under 1% for
 them.
 
+Two things keep contention from costing much before the governor adapts. A trial of more threads runs under a
+time box (`budget`): once it has taken as long as a losing trial would, ggml stops it after the current op and the
+runtime computes the graph again with the current count, so such a trial on a contended machine (one step can take
+20 times a normal one there) costs about two steps. And two steps in a row much slower than the recent ones (a process
+has just started competing) bring the next trial forward, whatever the back-off had reached.
+
 The thread count never changes results: the batch-invariant kernels split work by output rows, each row computed
 by one thread the same way (tests/test_thread_policy.py).
 """
 from __future__ import annotations
 
+import math
 import statistics
 
 
@@ -21,8 +28,10 @@ class ThreadGovernor:
     """Picks a thread count per compute from `max_threads` down by halves. Pure bookkeeping: the runtime applies
     the count (`threads`) and reports the time each comparable compute took (`observe`)."""
 
+    WINDOW = 8  # recent steps at the current count that a trial is compared with
+
     def __init__(self, max_threads: int, *, explore_every: int = 16, max_explore_every: int = 256,
-                 trial_steps: int = 3, margin: float = 0.85) -> None:
+                 trial_steps: int = 3, margin: float = 0.85, slow: float = 1.5) -> None:
         ladder = [max(1, max_threads)]
         while ladder[-1] > 1:
             ladder.append(ladder[-1] // 2)
@@ -32,6 +41,8 @@ class ThreadGovernor:
         self.max_explore_every = max_explore_every
         self.trial_steps = trial_steps
         self.margin = margin
+        self.slow = slow  # a step this many times the recent median is a stall (see _changed)
+        self._fresh = 0  # steps at `current` since the last decision or change
         self._interval = explore_every
         self._countdown = 3  # the first trial comes early: a contended start should not last 16 slow steps
         self._graph: object | None = None
@@ -53,19 +64,40 @@ class ThreadGovernor:
             self._trial = self._neighbour()
         return self._trial if self._trial is not None else self.current
 
-    def observe(self, graph: object | None, threads: int, seconds: float) -> None:
-        """A compute of `graph` with `threads` took `seconds` (ignored unless it is the graph `threads` named)."""
+    def budget(self, threads: int) -> float | None:
+        """Seconds the next compute (with `threads`, as `threads()` just said) may take before it is stopped and
+        redone with the current count: set for trials of more threads only (the ones contention makes many times
+        slower), at the time beyond which the trial loses anyway."""
+        if self._trial is None or threads != self._trial or threads <= self.current or not self._samples:
+            return None
+        return self.margin * statistics.fmean(self._samples)
+
+    def observe(self, graph: object | None, threads: int, seconds: float, finished: bool = True) -> None:
+        """A compute of `graph` with `threads` took `seconds` (ignored unless it is the graph `threads` named);
+        not `finished`: its time box stopped it (a lost trial)."""
         if graph is None or graph is not self._graph:
             return
         if self._trial is not None and threads == self._trial:
-            self._trial_samples.append(seconds)
+            self._trial_samples.append(seconds if finished else math.inf)
             # A clear loss ends the trial at once: under contention a trial of more threads costs several steps.
-            if (len(self._trial_samples) >= self.trial_steps
+            # A trial of more threads lasts a whole window: each of its steps is boxed (a stall ends it at once, at
+            # little cost), so it wins only if contention left none of them stalled.
+            needed = self.WINDOW if self._trial > self.current else self.trial_steps
+            if (not finished or len(self._trial_samples) >= needed
                     or seconds * self.margin > statistics.median(self._samples)):
                 self._decide()
         elif threads == self.current:
-            self._samples = (self._samples + [seconds])[-8:]
+            self._samples = (self._samples + [seconds])[-self.WINDOW:]
             self._countdown -= 1
+            self._fresh += 1
+            if self._fresh >= self.WINDOW and self._changed():
+                self._interval, self._countdown, self._fresh = self.explore_every, 0, 0
+
+    def _changed(self) -> bool:
+        """Whether the recent steps suggest the machine changed: two or more of the window's steps far slower than
+        its median (a competing process makes a multi-threaded step stall now and then, not every time)."""
+        typical = statistics.median(self._samples)
+        return sum(1 for x in self._samples if x > self.slow * typical) >= 2
 
     def _neighbour(self) -> int:
         i = self.ladder.index(self.current)
@@ -78,13 +110,18 @@ class ThreadGovernor:
         return lower
 
     def _decide(self) -> None:
+        # Against the current count's mean (under contention the mean carries the occasional step that stalled many
+        # times over, which is where the time goes; the median would hide it). Fewer threads win on their best step
+        # (the first may pay for the change); more threads must beat it on every step. The asymmetry is on purpose:
+        # wrongly taking fewer threads costs at most their ratio, wrongly taking more can cost 20 times a step.
         assert self._trial is not None
-        if min(self._trial_samples) < self.margin * statistics.median(self._samples):
+        trial = max(self._trial_samples) if self._trial > self.current else min(self._trial_samples)
+        if trial < self.margin * statistics.fmean(self._samples):
             self.current = self._trial
-            self._samples = self._trial_samples[-8:]
+            self._samples = self._trial_samples[-self.WINDOW:]
             self._interval = self.explore_every
             self.n_switches += 1
         else:
             self._interval = min(self._interval * 2, self.max_explore_every)
         self._countdown = self._interval
-        self._trial, self._trial_samples = None, []
+        self._trial, self._trial_samples, self._fresh = None, [], 0
