@@ -84,7 +84,7 @@ def prompt_length(model: Any, tokenizer: Any, req: CompletionRequest) -> int:
         ValueError: as prompt_inputs.
     """
     if getattr(model, "cross_attention_images", False):
-        return len(_carried_inputs(model, tokenizer, *_split(req))[0])
+        return len(_carried_inputs(model, tokenizer, *_split(req), prepare=False)[0])
     n = 0
     for part in _layout(tokenizer, req):
         if isinstance(part, list):
@@ -122,11 +122,12 @@ def _layout(tokenizer: Any, req: CompletionRequest) -> list[list[int] | bytes]:
     return out
 
 
-def _carried_inputs(model: Any, tokenizer: Any, images: Mapping[int, bytes],
-                    parts: Sequence[str | int]) -> tuple[list[int], dict[int, ImageRow]]:
+def _carried_inputs(model: Any, tokenizer: Any, images: Mapping[int, bytes], parts: Sequence[str | int],
+                    prepare: bool = True) -> tuple[list[int], dict[int, ImageRow]]:
     """mllama's layout: the image is one input, an `<|image|>` token that carries the tiled image (Hugging Face's
     processor puts that token where the image goes). Ollama's server writes `[img-N]<|image|>`: that token is the
-    carrier; after a bare marker one is put in. The encoder cache holds one image, so a prompt may have one."""
+    carrier; after a bare marker one is put in. The encoder cache holds one image, so a prompt may have one.
+    Without `prepare` each image is only decoded (its rows carry nothing): enough to count the inputs."""
     n_images = sum(1 for part in parts if isinstance(part, int))
     if n_images > 1:
         raise ValueError(f"failed to process inputs: this model takes one image per request, not {n_images}")
@@ -138,13 +139,13 @@ def _carried_inputs(model: Any, tokenizer: Any, images: Mapping[int, bytes],
         if isinstance(part, int):
             data = images[part]
             try:
-                tiled = model.prepare_image(data)
+                tiled = model.prepare_image(data) if prepare else decode(data)
             except ImageError as e:
                 raise ValueError(f"failed to process inputs: {e}") from None
             if i == 0:
                 tokens += tokenizer.encode("", add_special=True, parse_special=True)  # BOS
             rid = row_id(hashlib.blake2b(data, digest_size=16).digest(), 0)
-            rows[rid] = ImageRow(None, 0, 1, token=image_token, encoder_input=tiled)
+            rows[rid] = ImageRow(None, 0, 1, token=image_token, encoder_input=tiled if prepare else None)
             tokens.append(rid)
             after_image = True
             continue

@@ -81,6 +81,22 @@ def test_the_image_is_one_input_carried_by_the_image_token(loaded: Loaded) -> No
     assert [(mm.index, mm.data) for mm in batch.multimodal] == [(i, row.encoder_input)]
 
 
+def test_prompt_length_counts_without_tiling(loaded: Loaded, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The llama-server mode's pre-queue count: the same length as the inputs, each image decoded (a broken one
+    fails here) but not tiled (the engine does that once, when the request runs)."""
+    req = request(PROMPT, {0: png(1, 20)})
+    tokens, _ = images.prompt_inputs(loaded.model, loaded.backend, loaded.tokenizer, req)
+    tiled: list[bytes] = []
+    real = loaded.model.prepare_image
+    monkeypatch.setattr(loaded.model, "prepare_image", lambda data: tiled.append(data) or real(data))
+    assert images.prompt_length(loaded.model, loaded.tokenizer, req) == len(tokens)
+    assert images.prompt_length(loaded.model, loaded.tokenizer, request("a the", {})) == len(
+        loaded.tokenizer.encode("a the", add_special=True, parse_special=True))
+    assert not tiled
+    with pytest.raises(ValueError, match="failed to process inputs: failed to decode image"):
+        images.prompt_length(loaded.model, loaded.tokenizer, request("[img-0] the", {0: b"\x89PNG\r\n\x1a\n broken"}))
+
+
 def _reference_greedy(loaded: Loaded, w: dict[str, np.ndarray], prompt: str, data: bytes | None, n: int) -> list[int]:
     tokens, rows = images.prompt_inputs(loaded.model, loaded.backend, loaded.tokenizer,
                                         request(prompt, {0: data} if data is not None else {}))
