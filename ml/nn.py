@@ -101,6 +101,28 @@ def attention(ctx: Context, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None
     return kqv.reshape(ctx, dims(kqv)[0] * n_head, n_tokens)
 
 
+# llamafile's tinyBLAS (ggml's tiled F32 GEMM on x86) needs the inner size to be a multiple of its vector width:
+# 16 floats with AVX-512 (8 with AVX2); a head size that is not goes to a row-by-row fallback, ~2x slower.
+GEMM_INNER_MULTIPLE = 16
+
+
+def encoder_attention(ctx: Context, q: Tensor, k: Tensor, v: Tensor, n_head: int) -> Tensor:
+    """Unmasked self-attention over a whole sequence, as vision encoders run it: q, k, v [n_head * head_dim, n]
+    (projections of the same n tokens) -> [n_head * head_dim, n]. Built for ggml's tiled GEMM: keys and queries
+    contiguous, and heads zero-padded to a multiple of GEMM_INNER_MULTIPLE (a zero column adds nothing to a
+    score); the scale is the unpadded head size's."""
+    width, n = dims(q)[:2]
+    head_dim = width // n_head
+    q = q.reshape(ctx, head_dim, n_head, n)
+    # keys and values as attention() reads a cache: [head_dim, n_kv, n_head]
+    k = k.reshape(ctx, head_dim, n_head, n).permute(ctx, 0, 2, 1, 3).contiguous(ctx)
+    v = v.reshape(ctx, head_dim, n_head, n).permute(ctx, 0, 2, 1, 3).contiguous(ctx)
+    pad = -head_dim % GEMM_INNER_MULTIPLE
+    if pad:
+        q, k = q.pad(ctx, pad), k.pad(ctx, pad)
+    return attention(ctx, q, k, v, None, default_scale(head_dim), gemm_queries=True)
+
+
 def row_slice(ctx: Context, t: Tensor, start: int, count: int) -> Tensor:
     """Rows start .. start + count of dim 0 of t [n, n_tokens], contiguous: splits a fused projection (QKV,
     gate/up)."""

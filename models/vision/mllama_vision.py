@@ -29,7 +29,7 @@ from ml.backend import Backend, Context, Tensor
 from ml.errors import ShapeMismatch
 from ml import module
 from ml.module import Module, optional, weight
-from ml.nn import Conv2D, LayerNorm, Linear, attention
+from ml.nn import Conv2D, LayerNorm, Linear, encoder_attention
 from models.vision.tiles import TileSpec, aspect_ratios
 
 # CLIP's normalisation (Hugging Face's OPENAI_CLIP_MEAN / _STD), which Llama 3.2 Vision's processor uses.
@@ -158,12 +158,9 @@ class VisionLayer(Module):
     ffn_gate: Tensor | None = optional(shape=lambda p: (1,))
 
     def forward(self, ctx: Context, x: Tensor, p: MllamaVisionParams) -> Tensor:
-        n, head_dim = x.shape[1], p.n_embd // p.n_head
         h = self.attn_norm.forward(ctx, x, p.eps)
-        q = self.attn_q.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n)
-        k = self.attn_k.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
-        v = self.attn_v.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
-        a = attention(ctx, q, k.contiguous(ctx), v.contiguous(ctx), None, 1.0 / math.sqrt(head_dim))
+        a = encoder_attention(ctx, self.attn_q.forward(ctx, h), self.attn_k.forward(ctx, h),
+                              self.attn_v.forward(ctx, h), p.n_head)
         a = self.attn_output.forward(ctx, a)
         if self.attn_gate is not None:
             a = a.mul(ctx, self.attn_gate)

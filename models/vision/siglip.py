@@ -21,12 +21,8 @@ import numpy as np
 from ml.backend import Backend, Context, Tensor
 from ml.errors import ShapeMismatch
 from ml.module import Module, weight
-from ml.nn import Conv2D, Embedding, LayerNorm, Linear, RMSNorm, attention
+from ml.nn import Conv2D, Embedding, LayerNorm, Linear, RMSNorm, encoder_attention
 
-
-# llamafile's tinyBLAS (ggml's tiled F32 GEMM on x86) needs the inner size to be a multiple of its vector width:
-# 16 floats with AVX-512 (8 with AVX2); a head size that is not goes to a row-by-row fallback, ~2x slower here.
-GEMM_INNER_MULTIPLE = 16
 
 
 @dataclass(frozen=True)
@@ -153,17 +149,9 @@ class VisionBlock(Module):
     fc2: Linear = weight(name="mlp.fc2", alt="ffn_down", shape=lambda p: (_v(p).n_ff, _v(p).n_embd))
 
     def forward(self, ctx: Context, x: Tensor, p: VisionParams) -> Tensor:
-        n, head_dim = p.n_patches, p.n_embd // p.n_head
         h = self.layer_norm1.forward(ctx, x, p.eps)
-        q = self.attn_q.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n)
-        # keys and values as attention() reads a cache: [head_dim, n_kv, n_head]
-        k = self.attn_k.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
-        v = self.attn_v.forward(ctx, h).reshape(ctx, head_dim, p.n_head, n).permute(ctx, 0, 2, 1, 3)
-        k = k.contiguous(ctx)
-        pad = -head_dim % GEMM_INNER_MULTIPLE
-        if pad:  # zero columns add nothing to a score; they let ggml's tiled GEMM take SigLIP's 72-wide heads
-            q, k = q.pad(ctx, pad), k.pad(ctx, pad)
-        a = attention(ctx, q, k, v.contiguous(ctx), None, 1.0 / math.sqrt(head_dim), gemm_queries=True)
+        a = encoder_attention(ctx, self.attn_q.forward(ctx, h), self.attn_k.forward(ctx, h),
+                              self.attn_v.forward(ctx, h), p.n_head)
         x = x.add(ctx, self.attn_output.forward(ctx, a))  # every patch sees every patch: no mask
         h = self.layer_norm2.forward(ctx, x, p.eps)
         return x.add(ctx, self.fc2.forward(ctx, self.fc1.forward(ctx, h).gelu(ctx)))
