@@ -5,12 +5,13 @@
    costs about four times one. These kernels unpack a weight block once and use it for up to four columns, and
    convert the activations' scales once per call instead of once per weight row. Each output element is still
    computed with the float operations of ggml's AVX2 vec_dot, in the same order (8-lane fma accumulation over the
-   blocks, the same horizontal sum, for Q4_1 the same fused m*s sum), and the integer block dots are exact, so an
-   element's bits depend neither on how many columns share the batch nor on how the rows are split between
-   threads; on an AVX2 build of ggml they also equal ggml's own reference kernel (tests/test_row_matmul.py).
+   blocks, the same horizontal sum, for Q4_1 the same fused m*s sum, for Q4_K the same super-block sums), and the
+   integer block dots are exact, so an element's bits depend neither on how many columns share the batch nor on
+   how the rows are split between threads; on an AVX2 build of ggml they also equal ggml's own reference kernel
+   (tests/test_row_matmul.py).
 
    The activations arrive already quantized by a ggml_cast to the weight type's vec_dot type (Q8_1 for Q4_1,
-   Q8_0 for Q8_0): the cast is ggml's own per-row quantizer, the one its mat-mul uses. */
+   Q8_0 for Q8_0, Q8_K for Q4_K): the cast is ggml's own per-row quantizer, the one its mat-mul uses. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -24,6 +25,11 @@
 typedef struct { uint16_t d, m; uint8_t qs[PYR_QK / 2]; } pyr_block_q4_1;
 typedef struct { uint16_t d; int8_t qs[PYR_QK]; } pyr_block_q8_0;
 typedef struct { uint16_t d, s; int8_t qs[PYR_QK]; } pyr_block_q8_1;
+
+#define PYR_QK_K 256
+#define PYR_MAX_SUPER (PYR_MAX_BLOCKS * PYR_QK / PYR_QK_K)
+typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[PYR_QK_K / 2]; } pyr_block_q4_K;
+typedef struct { float d; int8_t qs[PYR_QK_K]; int16_t bsums[PYR_QK_K / 16]; } pyr_block_q8_K;
 
 #define PYR_TARGET __attribute__((target("avx2,fma,f16c")))
 #define PYR_INLINE PYR_TARGET static inline __attribute__((always_inline))
@@ -207,6 +213,117 @@ PYR_TARGET static void pyr_row_matmul(struct ggml_tensor * dst, int ith, int nth
     }
 }
 
+/* Q4_K: the 6-bit scales and mins of a super-block, unpacked as ggml does (the first eight bytes scales, the
+   last eight mins). */
+PYR_INLINE void pyr_q4_K_scales(const uint8_t * packed, uint8_t out[16]) {
+    uint32_t u[4];
+    memcpy(u, packed, 12);
+    u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+    const uint32_t mid = u[1] & 0x3f3f3f3f;
+    u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+    u[2] = mid;
+    u[0] &= 0x3f3f3f3f;
+    memcpy(out, u, 16);
+}
+
+/* One Q4_K weight row times NC Q8_K columns, with the operations of ggml's AVX2 vec_dot_q4_K_q8_K in its order:
+   per super-block the integer sums of the four 64-weight chunks (scaled by the sub-block scales), one 8-lane fma
+   with d = y.d * x.d, and the mins term as one 4-lane fma with dmin = -y.d * x.dmin; the columns' pairwise sums of
+   their bsums come precomputed (q8s), as ggml's _mm_hadd_epi16 of them. The weight's unpacking (scales, nibbles)
+   is shared by the columns. */
+PYR_INLINE void pyr_q4_K_row(const pyr_block_q4_K * x, int nb, const pyr_block_q8_K * const * y,
+                             const __m128i * q8s, float * const * out, int64_t r, const int nc) {
+    const __m256i m4 = _mm256_set1_epi8(0xF);
+    __m256 acc[PYR_MAX_COLS];
+    __m128 acc_m[PYR_MAX_COLS];
+    for (int c = 0; c < nc; ++c) {
+        acc[c] = _mm256_setzero_ps();
+        acc_m[c] = _mm_setzero_ps();
+    }
+    for (int i = 0; i < nb; ++i) {
+        const float xd = pyr_half(x[i].d), xdmin = pyr_half(x[i].dmin);
+        uint8_t sm[16];
+        pyr_q4_K_scales(x[i].scales, sm);
+        const __m128i mins = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *) (sm + 8)));
+        __m256i sumi[PYR_MAX_COLS];
+        for (int c = 0; c < nc; ++c) {
+            const float dmin = -y[c][i].d * xdmin;
+            const __m128i prod = _mm_madd_epi16(mins, q8s[i * PYR_MAX_COLS + c]);
+            acc_m[c] = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m[c]);
+            sumi[c] = _mm256_setzero_si256();
+        }
+        for (int j = 0; j < PYR_QK_K / 64; ++j) {
+            const __m256i scale_l = _mm256_set1_epi16((short) sm[2 * j]);
+            const __m256i scale_h = _mm256_set1_epi16((short) sm[2 * j + 1]);
+            const __m256i q4bits = _mm256_loadu_si256((const __m256i *) (x[i].qs + 32 * j));
+            const __m256i q4l = _mm256_and_si256(q4bits, m4);
+            const __m256i q4h = _mm256_and_si256(_mm256_srli_epi16(q4bits, 4), m4);
+            for (int c = 0; c < nc; ++c) {
+                const int8_t * q8 = y[c][i].qs + 64 * j;
+                const __m256i p16l = _mm256_madd_epi16(scale_l, _mm256_maddubs_epi16(
+                    q4l, _mm256_loadu_si256((const __m256i *) q8)));
+                const __m256i p16h = _mm256_madd_epi16(scale_h, _mm256_maddubs_epi16(
+                    q4h, _mm256_loadu_si256((const __m256i *) (q8 + 32))));
+                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p16l, p16h));
+            }
+        }
+        for (int c = 0; c < nc; ++c) {
+            const float d = y[c][i].d * xd;
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[c]), acc[c]);
+        }
+    }
+    for (int c = 0; c < nc; ++c) {
+        __m128 m = _mm_add_ps(acc_m[c], _mm_movehl_ps(acc_m[c], acc_m[c]));
+        m = _mm_add_ss(m, _mm_movehdup_ps(m));
+        out[c][r] = pyr_hsum8(acc[c]) + _mm_cvtss_f32(m);
+    }
+}
+
+PYR_TARGET static void pyr_q4_K_rows(const char * w, size_t w_row, int64_t r0, int64_t r1, int nb,
+                                     const pyr_block_q8_K * const * y, const __m128i * q8s, float * const * out,
+                                     int nc) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const pyr_block_q4_K * x = (const pyr_block_q4_K *) (w + r * w_row);
+        switch (nc) {  /* each column count its own unrolled loop */
+            case 1: pyr_q4_K_row(x, nb, y, q8s, out, r, 1); break;
+            case 2: pyr_q4_K_row(x, nb, y, q8s, out, r, 2); break;
+            case 3: pyr_q4_K_row(x, nb, y, q8s, out, r, 3); break;
+            default: pyr_q4_K_row(x, nb, y, q8s, out, r, 4); break;
+        }
+    }
+}
+
+/* The custom op for Q4_K weights (Q8_K activations), split between threads as pyr_row_matmul does. */
+PYR_TARGET static void pyr_row_matmul_q4_K(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    const struct ggml_tensor * w = dst->src[0];
+    const struct ggml_tensor * x = dst->src[1];
+    const int64_t m = w->ne[1], n = x->ne[1];
+    const int nb = (int) (w->ne[0] / PYR_QK_K);
+    __m128i q8s[PYR_MAX_COLS * PYR_MAX_SUPER];  /* 16 KB: each column's bsums summed in pairs, per super-block */
+    const int64_t pairs = (m + 1) / 2;
+    const int64_t first = 2 * (pairs * ith / nth);
+    const int64_t last = ith + 1 == nth ? m : 2 * (pairs * (ith + 1) / nth);
+    for (int64_t r0 = first; r0 < last; r0 += PYR_ROWS_PER_CHUNK) {
+        const int64_t r1 = r0 + PYR_ROWS_PER_CHUNK < last ? r0 + PYR_ROWS_PER_CHUNK : last;
+        for (int64_t c0 = 0; c0 < n; c0 += PYR_MAX_COLS) {
+            const int nc = (int) (n - c0 < PYR_MAX_COLS ? n - c0 : PYR_MAX_COLS);
+            const pyr_block_q8_K * cols[PYR_MAX_COLS];
+            float * out[PYR_MAX_COLS];
+            for (int c = 0; c < nc; ++c) {
+                cols[c] = (const pyr_block_q8_K *) ((const char *) x->data + (c0 + c) * x->nb[1]);
+                out[c] = (float *) ((char *) dst->data + (c0 + c) * dst->nb[1]);
+                for (int i = 0; i < nb; ++i) {
+                    const __m256i bsums = _mm256_loadu_si256((const __m256i *) cols[c][i].bsums);
+                    q8s[i * PYR_MAX_COLS + c] = _mm_hadd_epi16(_mm256_extracti128_si256(bsums, 0),
+                                                               _mm256_extracti128_si256(bsums, 1));
+                }
+            }
+            pyr_q4_K_rows((const char *) w->data, w->nb[1], r0, r1, nb, cols, q8s, out, nc);
+        }
+    }
+}
+
 /* The longest weight row (in elements) the kernels take. */
 int64_t pyrunner_row_matmul_max_k(void) {
     return (int64_t) PYR_MAX_BLOCKS * PYR_QK;
@@ -217,13 +334,15 @@ int pyrunner_row_matmul_supports(enum ggml_type type) {
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) {
         return 0;
     }
-    return type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q8_0;
+    return type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_K;
 }
 
 /* w [K, M] (2-D, contiguous, a supported type) x b [K, N] f32 (contiguous) -> [M, N] f32. */
 struct ggml_tensor * pyrunner_row_matmul(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * b) {
-    const enum ggml_type vec_type = w->type == GGML_TYPE_Q4_1 ? GGML_TYPE_Q8_1 : GGML_TYPE_Q8_0;
+    const int k_quant = w->type == GGML_TYPE_Q4_K;
+    const enum ggml_type vec_type = k_quant ? GGML_TYPE_Q8_K
+                                  : w->type == GGML_TYPE_Q4_1 ? GGML_TYPE_Q8_1 : GGML_TYPE_Q8_0;
     struct ggml_tensor * args[2] = { w, ggml_cast(ctx, b, vec_type) };
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], b->ne[1], 1, 1, args, 2, pyr_row_matmul, GGML_N_TASKS_MAX,
-                          NULL);
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], b->ne[1], 1, 1, args, 2,
+                          k_quant ? pyr_row_matmul_q4_K : pyr_row_matmul, GGML_N_TASKS_MAX, NULL);
 }

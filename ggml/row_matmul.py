@@ -2,7 +2,7 @@
 
 Those kernels read each weight block once for up to four activation columns, where ggml's reference mat-mul
 re-reads and re-unpacks it per column; every output element gets the float operations of ggml's own vec_dot, so
-results stay batch-invariant (and equal ggml's on an AVX2 build). They serve 2-D Q4_1 and Q8_0 weights in host
+results stay batch-invariant (and equal ggml's on an AVX2 build). They serve 2-D Q4_1, Q8_0 and Q4_K weights in host
 memory, times contiguous f32 activations, on a CPU with AVX2/FMA/F16C; anything else goes to ggml_mul_mat.
 """
 from __future__ import annotations

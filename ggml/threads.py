@@ -12,7 +12,7 @@ them.
 Two things keep contention from costing much before the governor adapts. A trial of more threads runs under a
 time box (`budget`): once it has taken as long as a losing trial would, ggml stops it after the current op and the
 runtime computes the graph again with the current count, so such a trial on a contended machine (one step can take
-20 times a normal one there) costs about two steps. And two steps in a row much slower than the recent ones (a process
+20 times a normal one there) costs about two steps. And two or more stalled steps among the last eight (a process
 has just started competing) bring the next trial forward, whatever the back-off had reached.
 
 The thread count never changes results: the batch-invariant kernels split work by output rows, each row computed
@@ -79,12 +79,12 @@ class ThreadGovernor:
             return
         if self._trial is not None and threads == self._trial:
             self._trial_samples.append(seconds if finished else math.inf)
-            # A clear loss ends the trial at once: under contention a trial of more threads costs several steps.
             # A trial of more threads lasts a whole window: each of its steps is boxed (a stall ends it at once, at
-            # little cost), so it wins only if contention left none of them stalled.
-            needed = self.WINDOW if self._trial > self.current else self.trial_steps
-            if (not finished or len(self._trial_samples) >= needed
-                    or seconds * self.margin > statistics.median(self._samples)):
+            # little cost), so it wins only if contention left none of them stalled. A trial of fewer threads is
+            # short, and a clear loss ends it at once.
+            up = self._trial > self.current
+            clear_loss = not up and seconds * self.margin > statistics.median(self._samples)
+            if not finished or clear_loss or len(self._trial_samples) >= (self.WINDOW if up else self.trial_steps):
                 self._decide()
         elif threads == self.current:
             self._samples = (self._samples + [seconds])[-self.WINDOW:]
