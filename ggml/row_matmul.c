@@ -5,13 +5,13 @@
    costs about four times one. These kernels unpack a weight block once and use it for up to four columns, and
    convert the activations' scales once per call instead of once per weight row. Each output element is still
    computed with the float operations of ggml's AVX2 vec_dot, in the same order (8-lane fma accumulation over the
-   blocks, the same horizontal sum, for Q4_1 the same fused m*s sum, for Q4_K the same super-block sums), and the
+   blocks, the same horizontal sum, for Q4_1 the same fused m*s sum, for Q4_K/Q6_K the same super-block sums), and the
    integer block dots are exact, so an element's bits depend neither on how many columns share the batch nor on
    how the rows are split between threads; on an AVX2 build of ggml they also equal ggml's own reference kernel
    (tests/test_row_matmul.py).
 
    The activations arrive already quantized by a ggml_cast to the weight type's vec_dot type (Q8_1 for Q4_1,
-   Q8_0 for Q8_0, Q8_K for Q4_K): the cast is ggml's own per-row quantizer, the one its mat-mul uses. */
+   Q8_0 for Q8_0, Q8_K for Q4_K/Q6_K): the cast is ggml's own per-row quantizer, the one its mat-mul uses. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -30,6 +30,8 @@ typedef struct { uint16_t d, s; int8_t qs[PYR_QK]; } pyr_block_q8_1;
 #define PYR_MAX_SUPER (PYR_MAX_BLOCKS * PYR_QK / PYR_QK_K)
 typedef struct { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[PYR_QK_K / 2]; } pyr_block_q4_K;
 typedef struct { float d; int8_t qs[PYR_QK_K]; int16_t bsums[PYR_QK_K / 16]; } pyr_block_q8_K;
+typedef struct { uint8_t ql[PYR_QK_K / 2]; uint8_t qh[PYR_QK_K / 4]; int8_t scales[PYR_QK_K / 16]; uint16_t d; }
+    pyr_block_q6_K;
 
 #define PYR_TARGET __attribute__((target("avx2,fma,f16c")))
 #define PYR_INLINE PYR_TARGET static inline __attribute__((always_inline))
@@ -293,14 +295,86 @@ PYR_TARGET static void pyr_q4_K_rows(const char * w, size_t w_row, int64_t r0, i
     }
 }
 
-/* The custom op for Q4_K weights (Q8_K activations), split between threads as pyr_row_matmul does. */
-PYR_TARGET static void pyr_row_matmul_q4_K(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+/* One Q6_K weight row times NC Q8_K columns, with the operations of ggml's AVX2 vec_dot_q6_K_q8_K in its order:
+   per super-block, two 128-weight halves of 6-bit values (low nibbles plus two high bits), each 32-weight group's
+   u8*s8 pair sums scaled by its two 16-weight scales (lanes 0-3 by the first, 4-7 by the second), less 32 times
+   the scaled bsums (the -32 offset), then one 8-lane fma with d = y.d * x.d. The 6-bit values and the scale
+   vectors are built once for the columns. */
+PYR_INLINE void pyr_q6_K_row(const pyr_block_q6_K * x, int nb, const pyr_block_q8_K * const * y,
+                             float * const * out, int64_t r, const int nc) {
+    const __m256i m3 = _mm256_set1_epi8(3), m15 = _mm256_set1_epi8(15);
+    __m256 acc[PYR_MAX_COLS];
+    for (int c = 0; c < nc; ++c) {
+        acc[c] = _mm256_setzero_ps();
+    }
+    for (int i = 0; i < nb; ++i) {
+        const float xd = pyr_half(x[i].d);
+        const __m256i scales_16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *) x[i].scales));
+        __m256i sumi[PYR_MAX_COLS];
+        for (int c = 0; c < nc; ++c) {
+            sumi[c] = _mm256_setzero_si256();
+        }
+        for (int j = 0; j < PYR_QK_K / 128; ++j) {
+            const __m256i lo1 = _mm256_loadu_si256((const __m256i *) (x[i].ql + 64 * j));
+            const __m256i lo2 = _mm256_loadu_si256((const __m256i *) (x[i].ql + 64 * j + 32));
+            const __m256i hi = _mm256_loadu_si256((const __m256i *) (x[i].qh + 32 * j));
+            __m256i q6[4], sc[4];
+            q6[0] = _mm256_or_si256(_mm256_and_si256(lo1, m15), _mm256_slli_epi16(_mm256_and_si256(hi, m3), 4));
+            q6[1] = _mm256_or_si256(_mm256_and_si256(lo2, m15),
+                                    _mm256_slli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(12)), 2));
+            q6[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo1, 4), m15),
+                                    _mm256_and_si256(hi, _mm256_set1_epi8(48)));
+            q6[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(lo2, 4), m15),
+                                    _mm256_srli_epi16(_mm256_and_si256(hi, _mm256_set1_epi8(-64)), 2));
+            for (int k = 0; k < 4; ++k) {
+                const int g = 2 * (4 * j + k);  /* the group's two 16-weight scales */
+                sc[k] = _mm256_set_m128i(_mm_set1_epi16(x[i].scales[g + 1]), _mm_set1_epi16(x[i].scales[g]));
+            }
+            for (int c = 0; c < nc; ++c) {
+                const int8_t * q8 = y[c][i].qs + 128 * j;
+                __m256i p[4];
+                for (int k = 0; k < 4; ++k) {
+                    p[k] = _mm256_madd_epi16(sc[k], _mm256_maddubs_epi16(
+                        q6[k], _mm256_loadu_si256((const __m256i *) (q8 + 32 * k))));
+                }
+                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p[0], p[1]));
+                sumi[c] = _mm256_add_epi32(sumi[c], _mm256_add_epi32(p[2], p[3]));
+            }
+        }
+        for (int c = 0; c < nc; ++c) {
+            const __m256i offset = _mm256_slli_epi32(
+                _mm256_madd_epi16(_mm256_loadu_si256((const __m256i *) y[c][i].bsums), scales_16), 5);
+            const float d = y[c][i].d * xd;
+            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_sub_epi32(sumi[c], offset)),
+                                     acc[c]);
+        }
+    }
+    for (int c = 0; c < nc; ++c) {
+        out[c][r] = pyr_hsum8(acc[c]);
+    }
+}
+
+PYR_TARGET static void pyr_q6_K_rows(const char * w, size_t w_row, int64_t r0, int64_t r1, int nb,
+                                     const pyr_block_q8_K * const * y, float * const * out, int nc) {
+    for (int64_t r = r0; r < r1; ++r) {
+        const pyr_block_q6_K * x = (const pyr_block_q6_K *) (w + r * w_row);
+        switch (nc) {
+            case 1: pyr_q6_K_row(x, nb, y, out, r, 1); break;
+            case 2: pyr_q6_K_row(x, nb, y, out, r, 2); break;
+            case 3: pyr_q6_K_row(x, nb, y, out, r, 3); break;
+            default: pyr_q6_K_row(x, nb, y, out, r, 4); break;
+        }
+    }
+}
+
+/* The custom op for K-quant weights (Q8_K activations), split between threads as pyr_row_matmul does. */
+PYR_TARGET static void pyr_row_matmul_k(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const struct ggml_tensor * w = dst->src[0];
     const struct ggml_tensor * x = dst->src[1];
     const int64_t m = w->ne[1], n = x->ne[1];
     const int nb = (int) (w->ne[0] / PYR_QK_K);
-    __m128i q8s[PYR_MAX_COLS * PYR_MAX_SUPER];  /* 16 KB: each column's bsums summed in pairs, per super-block */
+    __m128i q8s[PYR_MAX_COLS * PYR_MAX_SUPER];  /* Q4_K, 16 KB: each column's bsums summed in pairs, per block */
     const int64_t pairs = (m + 1) / 2;
     const int64_t first = 2 * (pairs * ith / nth);
     const int64_t last = ith + 1 == nth ? m : 2 * (pairs * (ith + 1) / nth);
@@ -313,13 +387,17 @@ PYR_TARGET static void pyr_row_matmul_q4_K(struct ggml_tensor * dst, int ith, in
             for (int c = 0; c < nc; ++c) {
                 cols[c] = (const pyr_block_q8_K *) ((const char *) x->data + (c0 + c) * x->nb[1]);
                 out[c] = (float *) ((char *) dst->data + (c0 + c) * dst->nb[1]);
-                for (int i = 0; i < nb; ++i) {
+                for (int i = 0; i < nb && w->type == GGML_TYPE_Q4_K; ++i) {
                     const __m256i bsums = _mm256_loadu_si256((const __m256i *) cols[c][i].bsums);
                     q8s[i * PYR_MAX_COLS + c] = _mm_hadd_epi16(_mm256_extracti128_si256(bsums, 0),
                                                                _mm256_extracti128_si256(bsums, 1));
                 }
             }
-            pyr_q4_K_rows((const char *) w->data, w->nb[1], r0, r1, nb, cols, q8s, out, nc);
+            if (w->type == GGML_TYPE_Q4_K) {
+                pyr_q4_K_rows((const char *) w->data, w->nb[1], r0, r1, nb, cols, q8s, out, nc);
+            } else {
+                pyr_q6_K_rows((const char *) w->data, w->nb[1], r0, r1, nb, cols, out, nc);
+            }
         }
     }
 }
@@ -334,15 +412,15 @@ int pyrunner_row_matmul_supports(enum ggml_type type) {
     if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) {
         return 0;
     }
-    return type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_K;
+    return type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K;
 }
 
 /* w [K, M] (2-D, contiguous, a supported type) x b [K, N] f32 (contiguous) -> [M, N] f32. */
 struct ggml_tensor * pyrunner_row_matmul(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * b) {
-    const int k_quant = w->type == GGML_TYPE_Q4_K;
+    const int k_quant = w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q6_K;
     const enum ggml_type vec_type = k_quant ? GGML_TYPE_Q8_K
                                   : w->type == GGML_TYPE_Q4_1 ? GGML_TYPE_Q8_1 : GGML_TYPE_Q8_0;
     struct ggml_tensor * args[2] = { w, ggml_cast(ctx, b, vec_type) };
     return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], b->ne[1], 1, 1, args, 2,
-                          k_quant ? pyr_row_matmul_q4_K : pyr_row_matmul, GGML_N_TASKS_MAX, NULL);
+                          k_quant ? pyr_row_matmul_k : pyr_row_matmul, GGML_N_TASKS_MAX, NULL);
 }

@@ -2,8 +2,8 @@
 
 Those kernels read each weight block once for up to four activation columns, where ggml's reference mat-mul
 re-reads and re-unpacks it per column; every output element gets the float operations of ggml's own vec_dot, so
-results stay batch-invariant (and equal ggml's on an AVX2 build). They serve 2-D Q4_1, Q8_0 and Q4_K weights in host
-memory, times contiguous f32 activations, on a CPU with AVX2/FMA/F16C; anything else goes to ggml_mul_mat.
+results stay batch-invariant (and equal ggml's on an AVX2 build). They serve 2-D Q4_1, Q8_0, Q4_K and Q6_K weights
+in host memory, times contiguous f32 activations, on a CPU with AVX2/FMA/F16C; anything else goes to ggml_mul_mat.
 """
 from __future__ import annotations
 
@@ -22,8 +22,16 @@ def _max_k() -> int:
     return int(lib.pyrunner_row_matmul_max_k())
 
 
+_K_QUANTS = frozenset((lib.GGML_TYPE_Q4_K, lib.GGML_TYPE_Q6_K))
+
+
 def usable(w: CData, b: CData) -> bool:
-    """Whether w [K, M] x b [K, ...] can run on the row kernels (the caller checked the runtime allows them)."""
+    """Whether w [K, M] x b [K, ...] can run on the row kernels (the caller checked the runtime allows them).
+
+    A single K-quant column stays with ggml_mul_mat: there is nothing to share between columns, and ggml's vec_dot
+    is a little faster alone (5-20% measured). Both give the same bits, so the choice never changes a result."""
+    if int(w.type) in _K_QUANTS and int(b.ne[1]) * int(b.ne[2]) * int(b.ne[3]) == 1:
+        return False
     return (_supported(int(w.type)) and int(b.type) == lib.GGML_TYPE_F32 and int(w.ne[0]) <= _max_k()
             and int(w.ne[2]) == 1 and int(w.ne[3]) == 1
             and bool(lib.ggml_is_contiguous(w)) and bool(lib.ggml_is_contiguous(b))

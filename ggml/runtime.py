@@ -46,7 +46,7 @@ class RuntimeOptions:
     """Keep matmul weights in ggml's repacked CPU layout (AVX2): Q4_0 and IQ4_NL always (their repacked kernels
     are batch-invariant), Q4_K too with fast_kernels."""
     row_matmul: bool = True
-    """Without fast_kernels: run Q4_1/Q8_0/Q4_K mat-muls on the row kernels (ggml/row_matmul.py), which read each
+    """Without fast_kernels: run Q4_1/Q8_0/Q4_K/Q6_K mat-muls on the row kernels (ggml/row_matmul.py), which read each
     weight block once for up to four columns and compute every element as ggml's reference kernel does."""
     rpc: tuple[str, ...] = ()
     """`host:port` of ggml rpc-servers: each is one more device for layer placement (see ggml/placement.py)."""

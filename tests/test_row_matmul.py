@@ -1,5 +1,5 @@
 """The row kernels (ggml/row_matmul.c) compute every element bit for bit as ggml's reference mat-mul does, for any
-number of columns and threads, and the runner's models take them for their Q4_1 / Q8_0 / Q4_K weights.
+number of columns and threads, and the runner's models take them for their Q4_1 / Q8_0 / Q4_K / Q6_K weights.
 
 The reference is ggml_mul_mat itself, with the row kernels switched off (RuntimeOptions.row_matmul): it calls the
 weight type's vec_dot once per element (ggml's llamafile GEMM, which takes Q8_0 batches, matches vec_dot bit for
@@ -23,7 +23,7 @@ from ml.batch import Batch
 from ml.dtype import DType
 from models import load_model
 
-TYPES = [DType.Q4_1, DType.Q8_0, DType.Q4_K]
+TYPES = [DType.Q4_1, DType.Q8_0, DType.Q4_K, DType.Q6_K]
 COLUMNS = (1, 2, 3, 4, 5, 7, 8, 33)
 
 pytestmark = pytest.mark.skipif(not lib.pyrunner_row_matmul_supports(int(DType.Q4_1)),
@@ -57,7 +57,7 @@ def runtimes() -> Iterator[dict[tuple[int, bool], Runtime]]:
 
 def _shapes(dtype: DType) -> list[tuple[int, int]]:
     """(rows, row length): row counts off the 2-row and 64-row tiles; lengths of one and of several blocks."""
-    return [(131, 512), (70, 256), (300, 1536)] if dtype == DType.Q4_K else [(131, 576), (1000, 64)]
+    return [(131, 512), (70, 256), (300, 1536)] if dtype.block_size == 256 else [(131, 576), (1000, 64)]
 
 
 @pytest.mark.parametrize("m,k,dtype", [(m, k, d) for d in TYPES for m, k in _shapes(d)],
@@ -79,7 +79,7 @@ def test_equals_ggml_reference_for_every_batch_size(runtimes: dict[tuple[int, bo
 @pytest.mark.parametrize("dtype", TYPES, ids=lambda d: d.name)
 def test_3d_activations(runtimes: dict[tuple[int, bool], Runtime], dtype: DType) -> None:
     g = np.random.default_rng(5)
-    k = 256 if dtype == DType.Q4_K else 96
+    k = 256 if dtype.block_size == 256 else 96
     w = (g.standard_normal((70, k)) * 0.05).astype(np.float32)
     x = g.standard_normal((2, 3, k)).astype(np.float32)
     ref = _matmul(runtimes[1, False], w, dtype, x)
@@ -88,8 +88,8 @@ def test_3d_activations(runtimes: dict[tuple[int, bool], Runtime], dtype: DType)
 
 
 def test_routing(runtimes: dict[tuple[int, bool], Runtime], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Q4_1/Q8_0/Q4_K weights take the row kernels when the runtime allows them; other types and fast kernels
-    not."""
+    """Q4_1/Q8_0/Q4_K/Q6_K weights take the row kernels when the runtime allows them; other types and fast
+    kernels not."""
     calls: list[int] = []
     inner = row_matmul.matmul
 
@@ -103,11 +103,12 @@ def test_routing(runtimes: dict[tuple[int, bool], Runtime], monkeypatch: pytest.
     w256 = (g.standard_normal((8, 256)) * 0.05).astype(np.float32)
     x256 = g.standard_normal((3, 256)).astype(np.float32)
     for dtype, rt, want in ((DType.Q4_1, runtimes[1, True], 1), (DType.Q8_0, runtimes[1, True], 1),
-                            (DType.Q4_K, runtimes[1, True], 1), (DType.Q6_K, runtimes[1, True], 0),
+                            (DType.Q4_K, runtimes[1, True], 1), (DType.Q6_K, runtimes[1, True], 1),
+                            (DType.Q5_K, runtimes[1, True], 0),
                             (DType.Q4_0, runtimes[1, True], 0), (DType.F32, runtimes[1, True], 0),
                             (DType.Q4_1, runtimes[1, False], 0)):
         calls.clear()
-        k_quant = dtype in (DType.Q4_K, DType.Q6_K)
+        k_quant = dtype.block_size == 256
         _matmul(rt, w256 if k_quant else w, dtype, x256 if k_quant else x)
         assert len(calls) == want, (dtype, rt.row_matmul)
     wide = int(lib.pyrunner_row_matmul_max_k()) + 32  # rows longer than the kernels' scale buffer
@@ -153,7 +154,7 @@ def _logits(path: Path, row: bool) -> list[np.ndarray]:
 
 
 def test_gemma3_logits_unchanged(gemma3_path: Path) -> None:
-    """Gemma 3 (Q4_K and Q8_0 weights on the row kernels, Q5_0/Q6_K on ggml's): logits bit for bit as ggml's own."""
+    """Gemma 3 (Q4_K, Q6_K and Q8_0 weights on the row kernels, Q5_0 on ggml's): logits bit for bit as ggml's."""
     for got, ref in zip(_logits(gemma3_path, True), _logits(gemma3_path, False), strict=True):
         assert np.array_equal(got, ref)
 
