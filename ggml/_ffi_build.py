@@ -258,6 +258,8 @@ struct ggml_tensor * pyrunner_row_matmul(struct ggml_context * ctx, struct ggml_
 CDEF_TIME_BOX = """
 // ---- a time box for one CPU graph compute (the thread governor's trials) ----
 void pyrunner_cpu_time_box(ggml_backend_t backend_cpu, double * deadline, double seconds);
+// ---- before a graph is allocated again: drop the scheduler's earlier placement of its nodes ----
+void pyrunner_graph_forget_allocation(struct ggml_cgraph * graph);
 """
 
 CDEF = CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC + CDEF_ROW_MATMUL + CDEF_TIME_BOX
@@ -283,6 +285,23 @@ static double pyrunner_monotonic(void) {
 
 static bool pyrunner_past_deadline(void * data) {
     return pyrunner_monotonic() > *(const double *) data;
+}
+
+/* A context that computes again after adding nodes hands the scheduler a graph whose earlier nodes still carry
+   the addresses of the last allocation. ggml's allocator takes a tensor with an address for one that owns its
+   memory, so it would place the new nodes over them, or leave them pointing into a compute buffer it has since
+   freed and replaced by a larger one. Every node the scheduler placed (an op's result, or a view of one) is reset
+   here so the allocator places it anew; leaves (weights, inputs, cache tensors) and views of them keep theirs. */
+void pyrunner_graph_forget_allocation(struct ggml_cgraph * graph) {
+    const int n = ggml_graph_n_nodes(graph);
+    for (int i = 0; i < n; ++i) {
+        struct ggml_tensor * t = ggml_graph_node(graph, i);
+        const struct ggml_tensor * owner = t->view_src != NULL ? t->view_src : t;
+        if (owner->op != GGML_OP_NONE) {
+            t->data = NULL;
+            t->buffer = NULL;
+        }
+    }
 }
 
 void pyrunner_cpu_time_box(ggml_backend_t backend_cpu, double * deadline, double seconds) {

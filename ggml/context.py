@@ -173,6 +173,7 @@ class GgmlContext:
         rt = self._rt
         sched = rt.sched
         rt.sched_user = None
+        lib.pyrunner_graph_forget_allocation(g)  # a second compute of this context: nodes of the first move too
         lib.ggml_backend_sched_reset(sched)
         if not lib.ggml_backend_sched_alloc_graph(sched, g):
             raise GgmlError(f"ggml_backend_sched_alloc_graph failed ({lib.ggml_graph_n_nodes(g)} nodes)")

@@ -125,6 +125,25 @@ def test_compute_twice_reuses_graph(ctx: GgmlContext) -> None:
     check(out.numpy(), (2.0 * x) ** 2, 1e-12, "second")
 
 
+def test_compute_again_after_adding_nodes(rt: Runtime) -> None:
+    """A context computes, gains more nodes, computes again: the earlier nodes are placed anew with the new ones
+    (not left at the first allocation's addresses, where the allocator would put the new nodes over them, or in a
+    compute buffer it freed when it grew), and every output is right."""
+    from ggml._lib import ffi
+    g = rng(7)
+    with GgmlContext(rt) as c:
+        x = randn(g, 24, 64)
+        small = c.from_numpy(x).sqr(c)
+        c.compute(small)
+        wide = [c.from_numpy(randn(g, 96, 64)).mul(c, c.from_numpy(randn(g, 96, 64))) for _ in range(4)]
+        c.compute(small, *wide)  # a graph needing a larger compute buffer than the first
+        spans = sorted((int(ffi.cast("uintptr_t", t._ptr.data)), t.nbytes) for t in (small, *wide))
+        assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:])), "two results share memory"
+        check(small.numpy(), x.astype(np.float64) ** 2, 1e-12, "first output, recomputed")
+        c.compute(small)
+        check(small.numpy(), x.astype(np.float64) ** 2, 1e-12, "third compute")
+
+
 def test_numpy_before_compute_raises(ctx: GgmlContext) -> None:
     a = ctx.from_numpy(randn(rng(7), 2, 3))
     out = a.add(ctx, a)
