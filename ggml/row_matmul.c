@@ -172,47 +172,66 @@ PYR_TARGET static void pyr_tile(enum ggml_type type, const char * w, size_t w_ro
     }
 }
 
-/* The custom op: dst [M, N] f32 = src[0] [K, M] weights x src[1] [K, N] quantized activations. Thread ith takes
-   an equal share of the weight rows (a multiple of 2 rows), in chunks of PYR_ROWS_PER_CHUNK rows whose weights
-   stay in cache across the column tiles; no two threads write the same element, and no element's arithmetic
-   depends on the split. */
-PYR_TARGET static void pyr_row_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) userdata;
-    const struct ggml_tensor * w = dst->src[0];
+/* One (row chunk, column tile) of a mat-mul: rows [r0, r1) of dst times the tile's nc columns (`cols`, their
+   activation rows; `out`, their dst rows), with the op's scratch memory (zeroed once per call). */
+typedef void (*pyr_tile_fn)(const struct ggml_tensor * dst, int64_t r0, int64_t r1, int nc, const char * const * cols,
+                            float * const * out, float * scratch);
+
+#define PYR_SCRATCH_FLOATS (2 * PYR_MAX_COLS * PYR_MAX_BLOCKS)  /* 64 KB; Python's row_matmul.usable bounds K */
+
+/* The custom ops' driver: dst [M, N] f32 = src[0] [K, M] weights x src[1] [K, N] quantized activations. Thread ith
+   takes an equal share of the weight rows (a multiple of 2 rows), in chunks of PYR_ROWS_PER_CHUNK rows whose
+   weights stay in cache across the column tiles; no two threads write the same element, and no element's
+   arithmetic depends on the split. */
+PYR_TARGET static void pyr_drive(struct ggml_tensor * dst, int ith, int nth, pyr_tile_fn tile) {
     const struct ggml_tensor * x = dst->src[1];
-    const int64_t m = w->ne[1], n = x->ne[1];
-    const int nb = (int) (w->ne[0] / PYR_QK);
-    const int is_q8_1 = x->type == GGML_TYPE_Q8_1;  /* Q8_1 activations: a Q4_1 weight */
-    float scales[2 * PYR_MAX_COLS * PYR_MAX_BLOCKS];  /* 64 KB; Python's row_matmul.usable bounds nb */
-    memset(scales, 0, sizeof(float) * 2 * PYR_MAX_COLS * (size_t) nb);  /* the lanes of absent columns */
-    float * yd = scales;
-    float * ys = scales + PYR_MAX_COLS * nb;
+    const int64_t m = dst->src[0]->ne[1], n = x->ne[1];
     const int64_t pairs = (m + 1) / 2;
     const int64_t first = 2 * (pairs * ith / nth);
     const int64_t last = ith + 1 == nth ? m : 2 * (pairs * (ith + 1) / nth);
+    float scratch[PYR_SCRATCH_FLOATS] __attribute__((aligned(32)));
+    const size_t used = sizeof(float) * 2 * PYR_MAX_COLS * (size_t) (dst->src[0]->ne[0] / PYR_QK);
+    memset(scratch, 0, used < sizeof(scratch) ? used : sizeof(scratch));  /* e.g. the lanes of absent columns */
     for (int64_t r0 = first; r0 < last; r0 += PYR_ROWS_PER_CHUNK) {
         const int64_t r1 = r0 + PYR_ROWS_PER_CHUNK < last ? r0 + PYR_ROWS_PER_CHUNK : last;
         for (int64_t c0 = 0; c0 < n; c0 += PYR_MAX_COLS) {
             const int nc = (int) (n - c0 < PYR_MAX_COLS ? n - c0 : PYR_MAX_COLS);
-            const void * cols[PYR_MAX_COLS];
+            const char * cols[PYR_MAX_COLS];
             float * out[PYR_MAX_COLS];
             for (int c = 0; c < nc; ++c) {
-                const char * col = (const char *) x->data + (c0 + c) * x->nb[1];
-                cols[c] = col;
+                cols[c] = (const char *) x->data + (c0 + c) * x->nb[1];
                 out[c] = (float *) ((char *) dst->data + (c0 + c) * dst->nb[1]);
-                for (int ib = 0; ib < nb; ++ib) {
-                    if (is_q8_1) {
-                        const pyr_block_q8_1 * b = (const pyr_block_q8_1 *) col + ib;
-                        yd[ib * PYR_MAX_COLS + c] = pyr_half(b->d);
-                        ys[ib * PYR_MAX_COLS + c] = pyr_half(b->s);
-                    } else {
-                        yd[ib * PYR_MAX_COLS + c] = pyr_half(((const pyr_block_q8_0 *) col + ib)->d);
-                    }
-                }
             }
-            pyr_tile(w->type, (const char *) w->data, w->nb[1], r0, r1, nb, cols, yd, ys, out, nc);
+            tile(dst, r0, r1, nc, cols, out, scratch);
         }
     }
+}
+
+/* A Q4_1 / Q8_0 tile: the columns' scales converted once (four lanes per block), then the rows. */
+PYR_TARGET static void pyr_tile_q(const struct ggml_tensor * dst, int64_t r0, int64_t r1, int nc,
+                                  const char * const * cols, float * const * out, float * scratch) {
+    const struct ggml_tensor * w = dst->src[0];
+    const int nb = (int) (w->ne[0] / PYR_QK);
+    const int is_q8_1 = dst->src[1]->type == GGML_TYPE_Q8_1;  /* Q8_1 activations: a Q4_1 weight */
+    float * yd = scratch;
+    float * ys = scratch + PYR_MAX_COLS * nb;
+    for (int c = 0; c < nc; ++c) {
+        for (int ib = 0; ib < nb; ++ib) {
+            if (is_q8_1) {
+                const pyr_block_q8_1 * b = (const pyr_block_q8_1 *) cols[c] + ib;
+                yd[ib * PYR_MAX_COLS + c] = pyr_half(b->d);
+                ys[ib * PYR_MAX_COLS + c] = pyr_half(b->s);
+            } else {
+                yd[ib * PYR_MAX_COLS + c] = pyr_half(((const pyr_block_q8_0 *) cols[c] + ib)->d);
+            }
+        }
+    }
+    pyr_tile(w->type, (const char *) w->data, w->nb[1], r0, r1, nb, (const void * const *) cols, yd, ys, out, nc);
+}
+
+PYR_TARGET static void pyr_row_matmul(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    pyr_drive(dst, ith, nth, pyr_tile_q);
 }
 
 /* Q4_K: the 6-bit scales and mins of a super-block, unpacked as ggml does (the first eight bytes scales, the
@@ -367,39 +386,30 @@ PYR_TARGET static void pyr_q6_K_rows(const char * w, size_t w_row, int64_t r0, i
     }
 }
 
-/* The custom op for K-quant weights (Q8_K activations), split between threads as pyr_row_matmul does. */
-PYR_TARGET static void pyr_row_matmul_k(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
-    (void) userdata;
+/* A K-quant tile (Q8_K activations); for Q4_K the columns' bsums summed in pairs first, as ggml's hadd does. */
+PYR_TARGET static void pyr_tile_k(const struct ggml_tensor * dst, int64_t r0, int64_t r1, int nc,
+                                  const char * const * cols, float * const * out, float * scratch) {
     const struct ggml_tensor * w = dst->src[0];
-    const struct ggml_tensor * x = dst->src[1];
-    const int64_t m = w->ne[1], n = x->ne[1];
     const int nb = (int) (w->ne[0] / PYR_QK_K);
-    __m128i q8s[PYR_MAX_COLS * PYR_MAX_SUPER];  /* Q4_K, 16 KB: each column's bsums summed in pairs, per block */
-    const int64_t pairs = (m + 1) / 2;
-    const int64_t first = 2 * (pairs * ith / nth);
-    const int64_t last = ith + 1 == nth ? m : 2 * (pairs * (ith + 1) / nth);
-    for (int64_t r0 = first; r0 < last; r0 += PYR_ROWS_PER_CHUNK) {
-        const int64_t r1 = r0 + PYR_ROWS_PER_CHUNK < last ? r0 + PYR_ROWS_PER_CHUNK : last;
-        for (int64_t c0 = 0; c0 < n; c0 += PYR_MAX_COLS) {
-            const int nc = (int) (n - c0 < PYR_MAX_COLS ? n - c0 : PYR_MAX_COLS);
-            const pyr_block_q8_K * cols[PYR_MAX_COLS];
-            float * out[PYR_MAX_COLS];
-            for (int c = 0; c < nc; ++c) {
-                cols[c] = (const pyr_block_q8_K *) ((const char *) x->data + (c0 + c) * x->nb[1]);
-                out[c] = (float *) ((char *) dst->data + (c0 + c) * dst->nb[1]);
-                for (int i = 0; i < nb && w->type == GGML_TYPE_Q4_K; ++i) {
-                    const __m256i bsums = _mm256_loadu_si256((const __m256i *) cols[c][i].bsums);
-                    q8s[i * PYR_MAX_COLS + c] = _mm_hadd_epi16(_mm256_extracti128_si256(bsums, 0),
-                                                               _mm256_extracti128_si256(bsums, 1));
-                }
-            }
-            if (w->type == GGML_TYPE_Q4_K) {
-                pyr_q4_K_rows((const char *) w->data, w->nb[1], r0, r1, nb, cols, q8s, out, nc);
-            } else {
-                pyr_q6_K_rows((const char *) w->data, w->nb[1], r0, r1, nb, cols, out, nc);
-            }
+    const pyr_block_q8_K * const * y = (const pyr_block_q8_K * const *) cols;
+    if (w->type == GGML_TYPE_Q6_K) {
+        pyr_q6_K_rows((const char *) w->data, w->nb[1], r0, r1, nb, y, out, nc);
+        return;
+    }
+    __m128i * q8s = (__m128i *) scratch;  /* PYR_MAX_COLS * PYR_MAX_SUPER of them: 16 KB */
+    for (int c = 0; c < nc; ++c) {
+        for (int i = 0; i < nb; ++i) {
+            const __m256i bsums = _mm256_loadu_si256((const __m256i *) y[c][i].bsums);
+            q8s[i * PYR_MAX_COLS + c] = _mm_hadd_epi16(_mm256_extracti128_si256(bsums, 0),
+                                                       _mm256_extracti128_si256(bsums, 1));
         }
     }
+    pyr_q4_K_rows((const char *) w->data, w->nb[1], r0, r1, nb, y, q8s, out, nc);
+}
+
+PYR_TARGET static void pyr_row_matmul_k(struct ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    pyr_drive(dst, ith, nth, pyr_tile_k);
 }
 
 /* The longest weight row (in elements) the kernels take. */

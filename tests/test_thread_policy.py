@@ -2,9 +2,12 @@
 while they lose; and the thread count it picks never changes a logit."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from ggml.backend import load_backend
@@ -104,6 +107,26 @@ def test_single_thread_has_nothing_to_try() -> None:
     assert _drive(gov, g, {1: 0.01}, 50) == [1] * 50
 
 
+def _greedy_logits(backend: Any, seed: int, n_steps: int,
+                   each_step: Callable[[], None] = lambda: None) -> npt.NDArray[np.float32]:
+    """SmolLM2 through a ForwardRunner: a 40-token random prompt, then `n_steps` greedy decode steps (each_step
+    after each); the logits of every forward, stacked."""
+    model = load_model(backend)
+    cache = model.new_cache(flash=True)
+    cache.init(backend, DType.F16, 1, 512, 512)
+    runner = ForwardRunner(backend, model, cache)
+    try:
+        prompt = [int(t) for t in np.random.default_rng(seed).integers(300, 30000, 40)]
+        out = [runner.logits(Batch.single(prompt))]
+        for i in range(n_steps):
+            out.append(runner.logits(Batch.single([int(np.argmax(out[-1][0]))], start=40 + i)))
+            each_step()
+        return np.stack([o[0] for o in out])
+    finally:
+        runner.close()
+        cache.close()
+
+
 def test_thread_count_does_not_change_logits(smollm2_path: Path) -> None:
     """The same steps with 1 and 2 threads, and with the governor forced to switch every few steps, give the
     same logits bit for bit (per-row kernels: a row is computed by one thread whatever the count)."""
@@ -111,29 +134,16 @@ def test_thread_count_does_not_change_logits(smollm2_path: Path) -> None:
     for threads, switch in ((1, False), (2, False), (2, True)):
         backend = load_backend(smollm2_path, RuntimeOptions(threads=threads))
         try:
-            model = load_model(backend)
-            cache = model.new_cache(flash=True)
-            cache.init(backend, DType.F16, 1, 512, 512)
-            runner = ForwardRunner(backend, model, cache)
             gov = backend.runtime.governor
             if switch:  # a governor that tries the other count every other step and always switches
                 assert gov is not None
                 gov.explore_every, gov.trial_steps, gov.margin = 1, 1, 1e9
                 gov._interval = gov._countdown = 1
-            g = np.random.default_rng(5)
-            prompt = [int(t) for t in g.integers(300, 30000, 40)]
-            out = [runner.logits(Batch.single(prompt))]
-            tok = int(np.argmax(out[-1][0]))
-            used = set()
-            for i in range(20):  # a trial of more threads lasts a window (8 steps)
-                out.append(runner.logits(Batch.single([tok], start=40 + i)))
-                used.add(backend.runtime.threads_now)
-                tok = int(np.argmax(out[-1][0]))
+            used: set[int] = set()
+            # 20 steps: a trial of more threads lasts a window (8 steps)
+            results.append(_greedy_logits(backend, 5, 20, lambda: used.add(backend.runtime.threads_now)))
             if switch:
                 assert used == {1, 2} and gov is not None and gov.n_switches >= 2
-            results.append(np.stack([o[0] for o in out]))
-            runner.close()
-            cache.close()
         finally:
             backend.close()
     for r in results[1:]:
@@ -157,10 +167,6 @@ def test_a_stopped_trial_is_computed_again_to_the_same_logits(smollm2_path: Path
     for boxed in (False, True):
         backend = load_backend(smollm2_path, RuntimeOptions(threads=2))
         try:
-            model = load_model(backend)
-            cache = model.new_cache(flash=True)
-            cache.init(backend, DType.F16, 1, 512, 512)
-            runner = ForwardRunner(backend, model, cache)
             gov = backend.runtime.governor
             assert gov is not None
             gov.current = 1
@@ -177,18 +183,9 @@ def test_a_stopped_trial_is_computed_again_to_the_same_logits(smollm2_path: Path
                 outcomes.append(finished)
                 observe(graph, threads, seconds, finished)
             gov.observe = counted  # type: ignore[method-assign]
-            g = np.random.default_rng(7)
-            prompt = [int(t) for t in g.integers(300, 30000, 40)]
-            out = [runner.logits(Batch.single(prompt))]
-            tok = int(np.argmax(out[-1][0]))
-            for i in range(12):
-                out.append(runner.logits(Batch.single([tok], start=40 + i)))
-                tok = int(np.argmax(out[-1][0]))
+            results.append(_greedy_logits(backend, 7, 12))
             stopped.append(outcomes.count(False))
             assert gov.current == 1 and backend.runtime.threads_now == 1
-            results.append(np.stack([o[0] for o in out]))
-            runner.close()
-            cache.close()
         finally:
             backend.close()
     assert stopped[0] == 0 and stopped[1] >= 6, stopped  # trials come once 3 steps have set the pace
