@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="ggml's batch-shape-dependent kernels (tiled/split attention, repacked weights)")
     ap.add_argument("--no-reuse", action="store_true", help="build every step's graph (no graph reuse)")
     ap.add_argument("--ggml-matmul", action="store_true",
-                    help="ggml's reference mat-mul for Q4_1/Q8_0 weights instead of the row kernels")
+                    help="ggml's reference mat-mul for Q4_1/Q8_0/Q4_K/Q6_K weights instead of the row kernels")
     args = ap.parse_args(argv)
     models = args.model or [m for m in DEFAULT_MODELS if m.exists()]
     missing = [m for m in models if not m.exists()]
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model not found: {missing or DEFAULT_MODELS[0]} (run `make models`)", file=sys.stderr)
         return 2
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, threads {args.threads}, "
-          f"KV cache f16, best of {args.repeats}, Q4_1/Q8_0 mat-mul: "
+          f"KV cache f16, best of {args.repeats}, Q4_1/Q8_0/Q4_K/Q6_K mat-mul: "
           f"{'ggml reference' if args.ggml_matmul else 'row kernels'}" + ("" if llamacpp.available() else
                                                       "; llama_cpp not importable: its column is n/a"))
     for path in models:
