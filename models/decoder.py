@@ -123,6 +123,12 @@ class DecoderParams:
         return self.rope_scale
 
 
+def gated_ffn(ctx: Context, h: Tensor, gate: Linear, up: Linear, down: Linear, gelu: bool) -> Tensor:
+    """down(act(gate(h)) * up(h)), act SiLU or (gelu) GELU: the FFN of every decoder layer kind."""
+    g, u = gate.forward(ctx, h), up.forward(ctx, h)
+    return down.forward(ctx, g.geglu(ctx, u) if gelu else g.swiglu(ctx, u))
+
+
 @dataclass(kw_only=True)
 class Block(Module):
     attn_norm: RMSNorm = weight(shape=lambda p: (p.n_embd,))
@@ -157,8 +163,7 @@ class Block(Module):
 
     def ffn(self, ctx: Context, h: Tensor, p: DecoderParams) -> Tensor:
         """The gated FFN (phi3 fuses gate and up; models.moe routes to experts)."""
-        gate, up = self.ffn_gate.forward(ctx, h), self.ffn_up.forward(ctx, h)
-        return self.ffn_down.forward(ctx, gate.geglu(ctx, up) if p.gelu else gate.swiglu(ctx, up))
+        return gated_ffn(ctx, h, self.ffn_gate, self.ffn_up, self.ffn_down, p.gelu)
 
     def forward(self, ctx: Context, x: Tensor, positions: Tensor, outputs: Tensor | None, cache: Cache,
                 il: int, p: DecoderParams, rope_freqs: Tensor | None, flash: bool,

@@ -34,7 +34,7 @@ from ml.backend import Backend, Context, Tensor
 from ml.batch import Batch
 from ml.module import Module, hyper, weight
 from ml.nn import Embedding, Linear, RMSNorm, attention
-from models.decoder import Block, Decoder, DecoderParams
+from models.decoder import Block, Decoder, DecoderParams, gated_ffn
 from models.registry import register
 from models.vision.image import decode
 from models.vision.mllama_vision import MllamaVisionParams, MllamaVisionTower, _v, tiles_input
@@ -96,8 +96,7 @@ class CrossBlock(Module):
         if outputs is not None:  # last layer: only the rows whose logits are wanted go on
             a, x, visible = a.get_rows(ctx, outputs), x.get_rows(ctx, outputs), visible.get_rows(ctx, outputs)
         x = x.add(ctx, a.mul(ctx, self.cross_attn_attn_gate.tanh(ctx)).mul(ctx, visible))
-        h = self.ffn_norm.forward(ctx, x, p.eps)
-        h = self.ffn_down.forward(ctx, self.ffn_gate.forward(ctx, h).swiglu(ctx, self.ffn_up.forward(ctx, h)))
+        h = gated_ffn(ctx, self.ffn_norm.forward(ctx, x, p.eps), self.ffn_gate, self.ffn_up, self.ffn_down, p.gelu)
         return x.add(ctx, h.mul(ctx, self.cross_attn_mlp_gate.tanh(ctx)).mul(ctx, visible))
 
 
