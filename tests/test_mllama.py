@@ -27,7 +27,7 @@ from models.mllama import CrossBlock
 from models.decoder import Block
 from models.vision.tiles import TiledImage
 from mllama_tiny import CROSS, IMAGE_TOKEN, N_TEXT_VOCAB, TEXT, VS, write_mllama
-from test_models_tiny import TOL, TOL_GELU, rel_err
+from test_models_tiny import TOL, TOL_GELU, model_logits as logits, rel_err
 
 PROMPT = [5, 17, IMAGE_TOKEN, 42, 8, 29, 11, 3]
 IMAGE_AT = 2
@@ -53,16 +53,6 @@ def new_cache(backend: Any, model: Any) -> Any:
     cache = model.new_cache()
     cache.init(backend, DType.F32, 1, 64, 32)
     return cache
-
-
-def logits(backend: Any, model: Any, batch: Batch, cache: Any) -> np.ndarray:
-    ctx = backend.new_context()
-    try:
-        out = model.forward(ctx, batch, cache)
-        ctx.forward(out).compute(out)
-        return np.array(out.numpy(), dtype=np.float64).reshape(-1, model.params.n_vocab)
-    finally:
-        ctx.close()
 
 
 def with_image(tokens: list[int], start: int, img: TiledImage | None, at: int = IMAGE_AT) -> Batch:

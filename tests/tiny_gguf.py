@@ -166,6 +166,20 @@ def _vocab(spec: TinySpec, writer: gguf.GGUFWriter) -> None:
         writer.add_pad_token_id(0)
 
 
+def add_kv(writer: gguf.GGUFWriter, key: str, value: Any) -> None:
+    """One metadata key, typed by its Python value: bool, float32, uint32, array (list or tuple), else string."""
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
+    else:
+        writer.add_string(key, str(value))
+
+
 def write_gguf(path: str | Path, spec: TinySpec, tensors: dict[str, np.ndarray] | None = None, *, seed: int = 0,
                drop: tuple[str, ...] = (), add: dict[str, np.ndarray] | None = None,
                arch: str | None = None,
@@ -206,16 +220,7 @@ def write_gguf(path: str | Path, spec: TinySpec, tensors: dict[str, np.ndarray] 
     if s.write_vocab_size:
         writer.add_uint32(f"{a}.vocab_size", s.n_vocab)
     for k, v in s.extra_kv.items():
-        if isinstance(v, bool):
-            writer.add_bool(k, v)
-        elif isinstance(v, float):
-            writer.add_float32(k, v)
-        elif isinstance(v, int):
-            writer.add_uint32(k, v)
-        elif isinstance(v, (list, tuple)):
-            writer.add_array(k, list(v))
-        else:
-            writer.add_string(k, str(v))
+        add_kv(writer, k, v)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     _vocab(s, writer)
     for name, arr in w.items():
@@ -323,18 +328,8 @@ def write_projector_gguf(path: str | Path, vs: VisionSpec, vision: dict[str, np.
     keys.update(kv or {})
     writer = gguf.GGUFWriter(str(path), "clip")
     for k, v in keys.items():
-        if v is None:
-            continue
-        if isinstance(v, bool):
-            writer.add_bool(k, v)
-        elif isinstance(v, float):
-            writer.add_float32(k, v)
-        elif isinstance(v, int):
-            writer.add_uint32(k, v)
-        elif isinstance(v, list):
-            writer.add_array(k, v)
-        else:
-            writer.add_string(k, str(v))
+        if v is not None:
+            add_kv(writer, k, v)
     for name, arr in w.items():
         wide = f16 and arr.ndim >= 2 and "position" not in name
         writer.add_tensor(name, np.ascontiguousarray(arr, dtype=np.float16 if wide else np.float32))
