@@ -44,12 +44,15 @@ def _transposed(t: Tensor) -> bool:
 class GgmlTensor:
     """A ggml tensor. Holds its owner (a context or backend) so the C memory outlives the wrapper."""
 
-    __slots__ = ("_ptr", "_owner", "_value")
+    __slots__ = ("_ptr", "_owner", "_value", "_plain")
 
     def __init__(self, ptr: CData, owner: object) -> None:
         self._ptr = ptr
         self._owner = owner
         self._value: npt.NDArray[Any] | None = None
+        # (numpy dtype, numpy shape, bytes) once a read found a plain, contiguous, host-readable tensor: a reused
+        # graph's output is read every step, and repeating those checks cost more than the copy
+        self._plain: tuple[np.dtype[Any], tuple[int, ...], int] | None = None
 
     # ---- properties ----
     @property
@@ -97,6 +100,11 @@ class GgmlTensor:
         p = self._ptr
         if p.data == ffi.NULL or p.buffer == ffi.NULL:
             raise GgmlError(f"tensor {self.name!r} has no data: compute it first (ctx.compute(t))")
+        plain = self._plain
+        if plain is not None:  # checked before: its type, shape and contiguity never change
+            out = np.empty(plain[1], dtype=plain[0])
+            lib.ggml_backend_tensor_get(p, ffi.from_buffer(out), 0, plain[2])
+            return out
         if not lib.ggml_is_contiguous(p):
             raise GgmlError(f"tensor {self.name!r} is a non-contiguous view; make it contiguous before reading")
         if ffi.string(lib.ggml_backend_buft_name(lib.ggml_backend_buffer_get_type(p.buffer))) == b"CPU_REPACK":
@@ -113,6 +121,7 @@ class GgmlTensor:
             arr: npt.NDArray[Any] = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
         else:
             arr = raw.view(dt.numpy)
+            self._plain = (arr.dtype, tuple(reversed(self.shape)), raw.nbytes)
         return arr.reshape(tuple(reversed(self.shape)))
 
     def _squeeze(self) -> list[Any]:

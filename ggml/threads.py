@@ -21,7 +21,6 @@ by one thread the same way (tests/test_thread_policy.py).
 from __future__ import annotations
 
 import math
-import statistics
 
 
 class ThreadGovernor:
@@ -70,7 +69,7 @@ class ThreadGovernor:
         slower), at the time beyond which the trial loses anyway."""
         if self._trial is None or threads != self._trial or threads <= self.current or not self._samples:
             return None
-        return self.margin * statistics.fmean(self._samples)
+        return self.margin * _mean(self._samples)
 
     def observe(self, graph: object | None, threads: int, seconds: float, finished: bool = True) -> None:
         """A compute of `graph` with `threads` took `seconds` (ignored unless it is the graph `threads` named);
@@ -83,7 +82,7 @@ class ThreadGovernor:
             # little cost), so it wins only if contention left none of them stalled. A trial of fewer threads is
             # short, and a clear loss ends it at once.
             up = self._trial > self.current
-            clear_loss = not up and seconds * self.margin > statistics.median(self._samples)
+            clear_loss = not up and seconds * self.margin > _median(self._samples)
             if not finished or clear_loss or len(self._trial_samples) >= (self.WINDOW if up else self.trial_steps):
                 self._decide()
         elif threads == self.current:
@@ -96,7 +95,7 @@ class ThreadGovernor:
     def _changed(self) -> bool:
         """Whether the recent steps suggest the machine changed: two or more of the window's steps far slower than
         its median (a competing process makes a multi-threaded step stall now and then, not every time)."""
-        typical = statistics.median(self._samples)
+        typical = _median(self._samples)
         return sum(1 for x in self._samples if x > self.slow * typical) >= 2
 
     def _neighbour(self) -> int:
@@ -116,7 +115,7 @@ class ThreadGovernor:
         # wrongly taking fewer threads costs at most their ratio, wrongly taking more can cost 20 times a step.
         assert self._trial is not None
         trial = max(self._trial_samples) if self._trial > self.current else min(self._trial_samples)
-        if trial < self.margin * statistics.fmean(self._samples):
+        if trial < self.margin * _mean(self._samples):
             self.current = self._trial
             self._samples = self._trial_samples[-self.WINDOW:]
             self._interval = self.explore_every
@@ -125,3 +124,15 @@ class ThreadGovernor:
             self._interval = min(self._interval * 2, self.max_explore_every)
         self._countdown = self._interval
         self._trial, self._trial_samples, self._fresh = None, [], 0
+
+
+# Plain versions of statistics.fmean / median: the governor runs once per decode step, with the interpreter's caches
+# cold from the graph compute, where the statistics module's generality costs tens of microseconds.
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2

@@ -156,14 +156,15 @@ class CausalCache:
             raise ValueError("empty batch")
         if self.window is not None:
             cells = self._evict(batch, n)
-        free = cells.ordered_free_cells(batch.positions, batch.seqs)  # CacheFullError before anything moves
-        if free is None or max(cells.extent, int(free.max()) + 1) - cells.n_used - n >= self.defrag_holes:
+        # CacheFullError before anything moves
+        placed = cells.place(batch.positions, batch.seqs, max_holes=self.defrag_holes)
+        if placed is None:
             # a sequence reached the top, or too many holes would stay below the extent: compaction puts
             # every free cell above every used one
             self.defrag()
-            free = cells.ordered_free_cells(batch.positions, batch.seqs)
-            assert free is not None
-        idx = cells.store(free, batch.positions, batch.seqs).astype(np.int64)
+            placed = cells.place(batch.positions, batch.seqs)
+            assert placed is not None
+        idx = placed.astype(np.int64)
         self._range = cells.kv_range(self.kv_pad)
         mask = cells.mask(batch.positions, batch.seqs, kv_range=self._range, window=self.window,
                           chunk=self.chunk, spans=batch.spans, dtype=self._mask_dtype())

@@ -96,6 +96,7 @@ from kvcache.masks import (
     round_up,
 )
 from kvcache.plans import DefragPlan, ShiftPlan
+from kvcache.summary import CellSummary
 
 EMPTY = -1
 """Position of an empty cell."""
@@ -123,6 +124,7 @@ class CellTable:
         self._pos: NDArray[np.int32] = np.full(capacity, EMPTY, dtype=np.int32)
         self._member: NDArray[np.bool_] = np.zeros((max_sequences, capacity), dtype=np.bool_)
         self._version = 0
+        self._summary: CellSummary | None = None  # None: stale, rebuilt from the arrays when next asked
 
     # ------------------------------------------------------------------ queries
 
@@ -151,7 +153,7 @@ class CellTable:
 
     @property
     def n_used(self) -> int:
-        return int(np.count_nonzero(self._pos >= 0))
+        return self._summarized().n_used
 
     @property
     def n_free(self) -> int:
@@ -160,8 +162,7 @@ class CellTable:
     @property
     def extent(self) -> int:
         """1 + index of the last used cell (0 when empty)."""
-        used = np.flatnonzero(self._pos >= 0)
-        return int(used[-1]) + 1 if used.size else 0
+        return self._summarized().extent
 
     def seq_cells(self, seq: int) -> NDArray[np.int32]:
         """int32[k] ascending indices of the cells holding ``seq``."""
@@ -210,14 +211,39 @@ class CellTable:
             CacheFullError: fewer than ``n`` cells are free at all.
         """
         pos, seq = batch_arrays(positions, seqs, np.int32)
+        return self._ordered(pos, seq)
+
+    def place(self, positions: ArrayLike, seqs: ArrayLike, max_holes: int | None = None) -> NDArray[np.int32] | None:
+        """:meth:`ordered_free_cells` and :meth:`store` in one call (one validation): the cells taken, or None,
+        storing nothing, when ordered placement finds no room or would leave ``max_holes`` or more empty cells
+        below the extent (a compaction then helps both).
+
+        Raises:
+            CacheFullError: fewer than ``n`` cells are free at all.
+            ValueError: bad shapes, sequence ids or positions.
+        """
+        pos, seq = batch_arrays(positions, seqs, np.int32)
+        if pos.size == 0:
+            raise ValueError("empty batch")
+        if bounds(pos)[0] < 0:
+            raise ValueError("positions must be >= 0")
+        cells = self._ordered(pos, seq)
+        if cells is None:
+            return None
+        if max_holes is not None and max(self.extent, bounds(cells)[1] + 1) - self.n_used - cells.size >= max_holes:
+            return None
+        self._commit(cells, pos, seq)
+        return cells
+
+    def _ordered(self, pos: NDArray[np.int32], seq: NDArray[np.intp]) -> NDArray[np.int32] | None:
         self._check_seqs(seq)
-        free = self._pos < 0
-        n_free = int(np.count_nonzero(free))
+        n_free = self._capacity - self.n_used
         if n_free < pos.size:
             raise CacheFullError(f"need {pos.size} cells, only {n_free} of {self._capacity} free")
         if pos.size <= _DECODE_FAST_MAX and all_distinct(seq):
-            return self._one_cell_per_sequence(seq, free)
-        return self._cells_by_sequence(pos, seq, free)
+            cells = self._summarized().decode_cells(seq.tolist(), self._pos, self._capacity)
+            return None if cells is None else np.array(cells, dtype=np.int32)
+        return self._cells_by_sequence(pos, seq, self._pos < 0)
 
     def _cells_by_sequence(self, pos: NDArray[np.int32], seq: NDArray[np.intp],
                            free: NDArray[np.bool_]) -> NDArray[np.int32] | None:
@@ -233,26 +259,6 @@ class CellTable:
                 return None
             out[rows] = cand
             free[cand] = False
-        return out
-
-    def _one_cell_per_sequence(self, seq: NDArray[np.intp], free: NDArray[np.bool_]) -> NDArray[np.int32] | None:
-        """ordered_free_cells for a decode step (each sequence once): the same cells, found with a fixed handful
-        of numpy calls instead of a handful per sequence. Sequences go in ascending id order, each taking the
-        lowest free cell above its last one that no earlier sequence of the batch took."""
-        order = np.argsort(seq, kind="stable")
-        held = self._member[seq[order], ::-1]  # reversed: argmax finds each sequence's last cell
-        floors = np.where(held.any(axis=1), self._capacity - held.argmax(axis=1), 0)
-        free_idx = np.flatnonzero(free)
-        starts = np.searchsorted(free_idx, floors).tolist()
-        out = np.empty(seq.size, dtype=np.int32)
-        taken: set[int] = set()
-        for row, i in zip(order.tolist(), starts):
-            while i in taken:
-                i += 1
-            if i >= free_idx.size:
-                return None
-            taken.add(i)
-            out[row] = free_idx[i]
         return out
 
     def find_slot(self, n: int) -> int | None:
@@ -304,7 +310,7 @@ class CellTable:
         self._pos[n:] = EMPTY
         self._member[:, :n] = member
         self._member[:, n:] = False
-        self._version += 1
+        self._mutated()
 
     def store(
         self, cells: int | ArrayLike, positions: ArrayLike, seqs: ArrayLike
@@ -344,10 +350,18 @@ class CellTable:
         busy = idx[self._pos[idx] >= 0]
         if busy.size:
             raise ValueError(f"cells already in use: {busy.tolist()}")
+        self._commit(idx, pos, seq)
+        return idx.astype(np.int32)
+
+    def _commit(self, idx: NDArray[Any], pos: NDArray[np.int32], seq: NDArray[np.intp]) -> None:
+        """Store validated tokens in free cells."""
         self._pos[idx] = pos
         self._member[seq, idx] = True
         self._version += 1
-        return idx.astype(np.int32)
+        if self._summary is not None and idx.size <= _DECODE_FAST_MAX:
+            self._summary.stored(idx.tolist(), seq.tolist())
+        else:
+            self._summary = None
 
     def free(self, cells: ArrayLike) -> None:
         """Empty ``cells`` entirely (every sequence loses them)."""
@@ -356,13 +370,13 @@ class CellTable:
             raise ValueError(f"cell indices outside [0, {self._capacity})")
         self._pos[idx] = EMPTY
         self._member[:, idx] = False
-        self._version += 1
+        self._mutated()
 
     def clear(self) -> None:
         """Empty every cell."""
         self._pos.fill(EMPTY)
         self._member.fill(False)
-        self._version += 1
+        self._mutated()
 
     # -------------------------------------------------------------------- masks
 
@@ -375,19 +389,15 @@ class CellTable:
         rounded down, stop rounded up to ``pad``).  ``stop`` is clipped to
         ``capacity``; ``(0, 0)`` when there is nothing to cover.
         """
-        held: NDArray[np.bool_]
         if seqs is None:
-            held = self._pos >= 0
-        else:
-            s = np.unique(np.asarray(seqs, dtype=np.intp))
-            self._check_seqs(s)
-            held = np.any(self._member[s], axis=0)
-        idx = np.flatnonzero(held)
+            extent = self.extent
+            return (0, min(self._capacity, round_up(extent, pad))) if extent else (0, 0)
+        s = np.unique(np.asarray(seqs, dtype=np.intp))
+        self._check_seqs(s)
+        idx = np.flatnonzero(np.any(self._member[s], axis=0))
         if idx.size == 0:
             return 0, 0
-        start = int(idx[0]) // pad * pad if seqs is not None else 0
-        stop = min(self._capacity, round_up(int(idx[-1]) + 1, pad))
-        return start, stop
+        return int(idx[0]) // pad * pad, min(self._capacity, round_up(int(idx[-1]) + 1, pad))
 
     def mask(
         self,
@@ -490,7 +500,7 @@ class CellTable:
                 delta=delta,
                 new_positions=self._pos[shift_idx].copy(),
             )
-        self._version += 1
+        self._mutated()
         return plan
 
     def copy_prefix(self, src: int, dst: int, n: int) -> None:
@@ -505,7 +515,7 @@ class CellTable:
         old_idx = np.flatnonzero(self._member[dst])
         self._member[dst] = shared
         self._release_orphans(old_idx)
-        self._version += 1
+        self._mutated()
 
     def can_resume(self, seq: int, pos: int, window: int | None = None) -> bool:
         """Whether ``seq`` can continue with a token at ``pos`` from this cache.
@@ -559,9 +569,36 @@ class CellTable:
         self._member[rows] &= ~drop
         freed = self._release_orphans(touched)
         self._version += 1
+        self._summary_after_eviction(rows.tolist(), drop, freed)
         return freed
 
     # ------------------------------------------------------------------ helpers
+
+    def _summarized(self) -> CellSummary:
+        if self._summary is None:
+            self._summary = CellSummary.of(self._pos, self._member)
+        return self._summary
+
+    def _mutated(self) -> None:
+        """A change the summary does not follow: it is rebuilt when next asked."""
+        self._version += 1
+        self._summary = None
+
+    def _summary_after_eviction(self, rows: list[int], drop: NDArray[np.bool_], freed: NDArray[np.int32]) -> None:
+        """Follow an eviction in the summary: cheap unless it took a sequence's last cell or the extent's cell
+        (a window drops a sequence's oldest cells, so normally neither)."""
+        summary = self._summary
+        if summary is None:
+            return
+        if freed.size and int(freed[-1]) + 1 >= summary.extent:
+            self._summary = None
+            return
+        for i, s in enumerate(rows):
+            last = summary.last[s]
+            if last >= 0 and drop[i, last]:
+                self._summary = None
+                return
+        summary.n_used -= int(freed.size)
 
     def _release_orphans(self, idx: NDArray[np.intp]) -> NDArray[np.int32]:
         """Mark cells among ``idx`` that no sequence holds as empty; return them."""

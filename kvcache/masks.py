@@ -62,6 +62,10 @@ _I32_MAX = np.iinfo(np.int32).max
 
 MaskDType = type[np.float32] | type[np.float16]
 
+# The bit patterns of -inf, the value of a hidden mask entry (a visible one is +0.0, all bits clear).
+_NEG_INF_F32 = np.array(-np.inf, dtype=np.float32).view(np.uint32)[()]
+_NEG_INF_F16 = np.array(-np.inf, dtype=np.float16).view(np.uint16)[()]
+
 
 def round_up(n: int, multiple: int) -> int:
     """Smallest multiple of ``multiple`` that is ``>= n`` (``multiple >= 1``)."""
@@ -175,21 +179,16 @@ def build_mask(
         # membership (empty cells hold no sequence), so only ``q <= p``.
         lo, hi = positions, positions
     q = cell_positions[np.newaxis, :]
-    scratch = np.empty_like(visible)
     if not no_upper:
-        np.less_equal(q, hi[:, np.newaxis], out=scratch)
-        np.logical_and(visible, scratch, out=visible)
+        visible &= q <= hi[:, np.newaxis]
     if window is not None or chunk is not None or spans is not None:
-        np.greater_equal(q, lo[:, np.newaxis], out=scratch)
-        np.logical_and(visible, scratch, out=visible)
-
+        visible &= q >= lo[:, np.newaxis]
     # Write IEEE bit patterns: hidden * bits(-inf) is bits(-inf) or bits(+0.0).
     # An integer multiply is ~10x faster than np.where on floats here.
-    bits_type = np.uint32 if dtype is np.float32 else np.uint16
-    neg_inf_bits = np.array(-np.inf, dtype=dtype).view(bits_type)[()]
+    neg_inf_bits = _NEG_INF_F32 if dtype is np.float32 else _NEG_INF_F16
     out = np.empty((rows, n_kv), dtype=dtype)
-    out_bits = out.view(bits_type)
-    np.logical_not(visible, out=scratch)
-    np.multiply(scratch, neg_inf_bits, out=out_bits[:n_tokens], casting="unsafe")
-    out_bits[n_tokens:] = neg_inf_bits
+    out_bits = out.view(neg_inf_bits.dtype)
+    np.multiply(np.logical_not(visible, out=visible), neg_inf_bits, out=out_bits[:n_tokens], casting="unsafe")
+    if rows > n_tokens:
+        out_bits[n_tokens:] = neg_inf_bits
     return out

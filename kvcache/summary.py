@@ -1,0 +1,65 @@
+"""What a decode step needs to know about a CellTable, kept up to date instead of recomputed from it every step.
+
+A decode step asks three things of the cell table: how many cells are used, where the used ones end (the
+extent, which sets the attended range), and, per sequence, the last cell it holds (its next token must go above
+it). Answering them from the arrays costs a dozen numpy passes over every cell, and on a decode step the interpreter
+runs with caches that the graph compute has just flushed: ~150 µs of a step's Python time. A `CellSummary` holds
+the answers as plain ints; `CellTable.store` and `evict_outside_window` (the per-step mutations) update it, every
+other mutation drops it and the next query rebuilds it from the arrays (one pass).
+"""
+from __future__ import annotations
+
+from bisect import bisect_left
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass
+class CellSummary:
+    n_used: int
+    extent: int  # 1 + the last used cell, 0 when none is
+    last: list[int]  # per sequence, the highest cell it holds; -1 when none
+
+    @staticmethod
+    def of(pos: NDArray[np.int32], member: NDArray[np.bool_]) -> CellSummary:
+        """Computed from a table's arrays: positions int32[capacity], membership bool[max_sequences, capacity]."""
+        used = np.flatnonzero(pos >= 0)
+        capacity = pos.size
+        held = member.any(axis=1)
+        last = np.where(held, capacity - 1 - member[:, ::-1].argmax(axis=1), -1)
+        return CellSummary(int(used.size), int(used[-1]) + 1 if used.size else 0, last.tolist())
+
+    def stored(self, cells: list[int], seqs: list[int]) -> None:
+        """Record cells that were empty and now hold seqs[i] each."""
+        self.n_used += len(cells)
+        self.extent = max(self.extent, max(cells) + 1)
+        last = self.last
+        for c, s in zip(cells, seqs):
+            if c > last[s]:
+                last[s] = c
+
+    def decode_cells(self, seqs: list[int], pos: NDArray[np.int32], capacity: int) -> list[int] | None:
+        """A cell for each of `seqs` (distinct sequences, one token each): in ascending sequence order, each takes the
+        lowest free cell above the last one it holds that no earlier sequence of the batch took (CellTable's
+        ordered placement). None when some sequence finds no such cell. `pos` gives the holes below the extent."""
+        floors = {s: self.last[s] + 1 for s in seqs}
+        lowest = min(floors.values())
+        # The free cells from `lowest` up: the holes below the extent, then every cell from the extent on.
+        holes: list[int] = []
+        if self.n_used < self.extent and lowest < self.extent:
+            holes = (np.flatnonzero(pos[lowest:self.extent] < 0) + lowest).tolist()
+        n_holes = len(holes)
+        taken: set[int] = set()
+        out: dict[int, int] = {}
+        for s in sorted(seqs):
+            i = bisect_left(holes, floors[s]) if floors[s] < self.extent else n_holes + floors[s] - self.extent
+            while i in taken:
+                i += 1
+            cell = holes[i] if i < n_holes else self.extent + i - n_holes
+            if cell >= capacity:
+                return None
+            taken.add(i)
+            out[s] = cell
+        return [out[s] for s in seqs]
