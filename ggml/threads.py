@@ -66,10 +66,10 @@ class ThreadGovernor:
     def budget(self, threads: int) -> float | None:
         """Seconds the next compute (with `threads`, as `threads()` just said) may take before it is stopped and
         redone with the current count: set for trials of more threads only (the ones contention makes many times
-        slower), at the time beyond which the trial loses anyway."""
+        slower), at the current count's mean step: a trial step slower than that loses the trial outright."""
         if self._trial is None or threads != self._trial or threads <= self.current or not self._samples:
             return None
-        return self.margin * _mean(self._samples)
+        return _mean(self._samples)
 
     def observe(self, graph: object | None, threads: int, seconds: float, finished: bool = True) -> None:
         """A compute of `graph` with `threads` took `seconds` (ignored unless it is the graph `threads` named);
@@ -79,8 +79,8 @@ class ThreadGovernor:
         if self._trial is not None and threads == self._trial:
             self._trial_samples.append(seconds if finished else math.inf)
             # A trial of more threads lasts a whole window: each of its steps is boxed (a stall ends it at once, at
-            # little cost), so it wins only if contention left none of them stalled. A trial of fewer threads is
-            # short, and a clear loss ends it at once.
+            # little cost), so it wins only if contention left none of them stalled and their mean is clearly
+            # lower. A trial of fewer threads is short, and a clear loss ends it at once.
             up = self._trial > self.current
             clear_loss = not up and seconds * self.margin > _median(self._samples)
             if not finished or clear_loss or len(self._trial_samples) >= (self.WINDOW if up else self.trial_steps):
@@ -111,10 +111,13 @@ class ThreadGovernor:
     def _decide(self) -> None:
         # Against the current count's mean (under contention the mean carries the occasional step that stalled many
         # times over, which is where the time goes; the median would hide it). Fewer threads win on their best step
-        # (the first may pay for the change); more threads must beat it on every step. The asymmetry is on purpose:
-        # wrongly taking fewer threads costs at most their ratio, wrongly taking more can cost 20 times a step.
+        # (the first may pay for the change); more threads on their mean over a whole window, none of whose steps
+        # may have been slower than the current mean (the time box). The asymmetry is on purpose: wrongly taking
+        # fewer threads costs at most their ratio, wrongly taking more can cost 20 times a step. A step that a
+        # noisy neighbour slows by a third does not sink a trial of more threads, so a false move to fewer threads
+        # is undone at the next trial.
         assert self._trial is not None
-        trial = max(self._trial_samples) if self._trial > self.current else min(self._trial_samples)
+        trial = _mean(self._trial_samples) if self._trial > self.current else min(self._trial_samples)
         if trial < self.margin * _mean(self._samples):
             self.current = self._trial
             self._samples = self._trial_samples[-self.WINDOW:]

@@ -75,6 +75,23 @@ def test_a_change_of_load_brings_the_next_trial_forward() -> None:
     assert gov.current == 1 and used.index(1) < 2 * ThreadGovernor.WINDOW, used
 
 
+def test_a_noisy_neighbour_does_not_keep_the_governor_at_fewer_threads() -> None:
+    """After a false move to one thread, two threads are faster on average even though every fourth step is slowed
+    by a third (6.7 ms, and 9 ms, against one thread's 10 ms): the next trial of two threads wins. Judged by its
+    slowest step, as before, it lost every time."""
+    gov = ThreadGovernor(2, explore_every=4, trial_steps=2)
+    gov.current = 1
+    g = object()
+    steps = {1: 0, 2: 0}
+    for _ in range(60):
+        n = gov.threads(g)
+        steps[n] += 1
+        seconds = 0.010 if n == 1 else (0.009 if steps[2] % 4 == 0 else 0.0067)
+        box = gov.budget(n)
+        gov.observe(g, n, seconds, finished=box is None or seconds <= box)
+    assert gov.current == 2 and gov.n_switches == 1
+
+
 def test_only_trials_of_more_threads_get_a_time_box() -> None:
     gov = ThreadGovernor(2, explore_every=4, trial_steps=2)
     g = object()
@@ -86,7 +103,7 @@ def test_only_trials_of_more_threads_get_a_time_box() -> None:
     assert gov.current == 1
     boxed = [(n, cur, b) for n, cur, b in seen if b is not None]
     assert boxed and all(n == 2 and cur == 1 for n, cur, _ in boxed)
-    assert all(b == pytest.approx(gov.margin * 0.007) for _, _, b in boxed)  # where a trial step can no longer win
+    assert all(b == pytest.approx(0.007) for _, _, b in boxed)  # a step slower than the current mean loses outright
     assert all(b is None for n, cur, b in seen if n <= cur)
 
 
@@ -139,6 +156,7 @@ def test_thread_count_does_not_change_logits(smollm2_path: Path) -> None:
                 assert gov is not None
                 gov.explore_every, gov.trial_steps, gov.margin = 1, 1, 1e9
                 gov._interval = gov._countdown = 1
+                gov.budget = lambda threads: None  # type: ignore[method-assign]  # no time box: trials finish
             used: set[int] = set()
             # 20 steps: a trial of more threads lasts a window (8 steps)
             results.append(_greedy_logits(backend, 5, 20, lambda: used.add(backend.runtime.threads_now)))
@@ -173,7 +191,8 @@ def test_a_stopped_trial_is_computed_again_to_the_same_logits(smollm2_path: Path
             if boxed:  # a trial of two threads on every step, each given a time box of ~1e-15 s
                 gov.explore_every = gov.max_explore_every = gov.trial_steps = 1
                 gov._interval = gov._countdown = 1
-                gov.margin = 1e-12
+                box = gov.budget
+                gov.budget = lambda threads: None if box(threads) is None else 1e-15  # type: ignore[method-assign]
             else:  # never a trial (one rung: not even a burst of stalls on a busy machine brings one)
                 gov.ladder = [1]
             outcomes: list[bool] = []
