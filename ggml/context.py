@@ -54,7 +54,8 @@ class GgmlContext:
         ctx = check(lib.ggml_init(params[0]), "ggml_init", f"mem_size={mem}")
         # "inputs": (tensor, the array it was made from) per from_numpy call, in order; lets a caller that keeps the
         # graph for later steps find and refresh its inputs.
-        self._state = {"ctx": ctx, "buffers": [], "inputs": []}
+        # "casts": the row kernels' quantized activations made so far (ggml.row_matmul.matmul)
+        self._state = {"ctx": ctx, "buffers": [], "inputs": [], "casts": {}}
         self._finalizer = weakref.finalize(self, _free_context, self._state)
 
     # ---- plumbing for GgmlTensor ----
@@ -68,6 +69,12 @@ class GgmlContext:
         if ctx is None:
             raise GgmlError("context is closed")
         return ctx
+
+    @property
+    def row_matmul_casts(self) -> dict[tuple[int, int], CData]:
+        """Quantized copies of activations for the row kernels, shared by the mat-muls of one input."""
+        casts: dict[tuple[int, int], CData] = self._state["casts"]
+        return casts
 
     def wrap(self, ptr: CData) -> GgmlTensor:
         return GgmlTensor(check(ptr, "ggml op"), self)

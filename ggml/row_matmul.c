@@ -425,12 +425,22 @@ int pyrunner_row_matmul_supports(enum ggml_type type) {
     return type == GGML_TYPE_Q4_1 || type == GGML_TYPE_Q8_0 || type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K;
 }
 
+/* The type a weight type's activations are quantized to (ggml's vec_dot type for it). */
+int pyrunner_row_matmul_vec_type(enum ggml_type type) {
+    return type == GGML_TYPE_Q4_K || type == GGML_TYPE_Q6_K ? GGML_TYPE_Q8_K
+         : type == GGML_TYPE_Q4_1 ? GGML_TYPE_Q8_1 : GGML_TYPE_Q8_0;
+}
+
+/* w [K, M] (2-D, contiguous, a supported type) x bq [K, N] (b already cast to the vec_dot type) -> [M, N] f32.
+   Mat-muls of one input (q, k and v; gate and up) can share one cast of it. */
+struct ggml_tensor * pyrunner_row_matmul_q(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * bq) {
+    const int k_quant = w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q6_K;
+    struct ggml_tensor * args[2] = { w, bq };
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], bq->ne[1], 1, 1, args, 2,
+                          k_quant ? pyr_row_matmul_k : pyr_row_matmul, GGML_N_TASKS_MAX, NULL);
+}
+
 /* w [K, M] (2-D, contiguous, a supported type) x b [K, N] f32 (contiguous) -> [M, N] f32. */
 struct ggml_tensor * pyrunner_row_matmul(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * b) {
-    const int k_quant = w->type == GGML_TYPE_Q4_K || w->type == GGML_TYPE_Q6_K;
-    const enum ggml_type vec_type = k_quant ? GGML_TYPE_Q8_K
-                                  : w->type == GGML_TYPE_Q4_1 ? GGML_TYPE_Q8_1 : GGML_TYPE_Q8_0;
-    struct ggml_tensor * args[2] = { w, ggml_cast(ctx, b, vec_type) };
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, w->ne[1], b->ne[1], 1, 1, args, 2,
-                          k_quant ? pyr_row_matmul_k : pyr_row_matmul, GGML_N_TASKS_MAX, NULL);
+    return pyrunner_row_matmul_q(ctx, w, ggml_cast(ctx, b, (enum ggml_type) pyrunner_row_matmul_vec_type(w->type)));
 }

@@ -38,9 +38,18 @@ def usable(w: CData, b: CData) -> bool:
             and w.buffer != ffi.NULL and bool(lib.ggml_backend_buffer_is_host(w.buffer)))
 
 
-def matmul(ctx: CData, w: CData, b: CData) -> CData:
-    """w [K, M] x b [K, n1, n2, n3] -> [M, n1, n2, n3] f32 through the row kernels (see `usable`)."""
+def matmul(ctx: CData, w: CData, b: CData, casts: dict[tuple[int, int], CData]) -> CData:
+    """w [K, M] x b [K, n1, n2, n3] -> [M, n1, n2, n3] f32 through the row kernels (see `usable`).
+
+    `casts` holds the quantized copies of activations already made in this graph, by (tensor address, type): the
+    q, k and v projections of one input (gate and up likewise) share one, so the graph quantizes it once and has
+    two ops and two thread barriers fewer. The cast is the same op either way: the bits do not change."""
     n1, n2, n3 = int(b.ne[1]), int(b.ne[2]), int(b.ne[3])
-    flat = b if n2 == 1 and n3 == 1 else lib.ggml_reshape_4d(ctx, b, int(b.ne[0]), n1 * n2 * n3, 1, 1)
-    out = lib.pyrunner_row_matmul(ctx, w, flat)
-    return out if flat is b else lib.ggml_reshape_4d(ctx, out, int(w.ne[1]), n1, n2, n3)
+    vec_type = int(lib.pyrunner_row_matmul_vec_type(w.type))
+    key = (int(ffi.cast("uintptr_t", b)), vec_type)
+    bq = casts.get(key)
+    if bq is None:
+        flat = b if n2 == 1 and n3 == 1 else lib.ggml_reshape_4d(ctx, b, int(b.ne[0]), n1 * n2 * n3, 1, 1)
+        bq = casts[key] = lib.ggml_cast(ctx, flat, vec_type)
+    out = lib.pyrunner_row_matmul_q(ctx, w, bq)
+    return out if n2 == 1 and n3 == 1 else lib.ggml_reshape_4d(ctx, out, int(w.ne[1]), n1, n2, n3)

@@ -211,7 +211,7 @@ class GgmlTensor:
         guards.matmul(self.dtype, self.ne, b.dtype, _ne(b), _transposed(self))
         c = _c(ctx)
         if c.runtime.row_matmul and row_matmul.usable(self._ptr, _t(b)):
-            return c.wrap(row_matmul.matmul(c.c, self._ptr, _t(b)))
+            return c.wrap(row_matmul.matmul(c.c, self._ptr, _t(b), c.row_matmul_casts))
         return c.wrap(lib.ggml_mul_mat(c.c, self._ptr, _t(b)))
 
     def matmul_full(self, ctx: Context, b: Tensor) -> Tensor:

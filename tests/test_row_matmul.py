@@ -87,15 +87,37 @@ def test_3d_activations(runtimes: dict[tuple[int, bool], Runtime], dtype: DType)
     assert np.array_equal(_matmul(runtimes[2, True], w, dtype, x), ref)
 
 
+def test_mat_muls_of_one_input_share_its_cast(runtimes: dict[tuple[int, bool], Runtime]) -> None:
+    """Two mat-muls of one input quantize it once (one cast node for both: the q/k/v and gate/up projections of a
+    layer), two of different inputs twice; the products equal those of separate graphs bit for bit."""
+    g = np.random.default_rng(8)
+    w1, w2 = ((g.standard_normal((64, 128)) * 0.05).astype(np.float32) for _ in range(2))
+    x, y = (g.standard_normal((3, 128)).astype(np.float32) for _ in range(2))
+    rt = runtimes[1, True]
+    for second, nodes in ((x, 3), (y, 4)):
+        wctx, ctx = GgmlContext(rt, 4), GgmlContext(rt, 16)
+        try:
+            a, b = wctx.from_numpy(w1, DType.Q4_1), wctx.from_numpy(w2, DType.Q4_1)
+            xt = ctx.from_numpy(x)
+            o1, o2 = a.matmul(ctx, xt), b.matmul(ctx, xt if second is x else ctx.from_numpy(second))
+            ctx.forward(o1, o2).compute(o1, o2)
+            assert ctx.n_nodes == nodes
+            assert np.array_equal(np.array(o1.numpy()).reshape(3, 64), _matmul(rt, w1, DType.Q4_1, x))
+            assert np.array_equal(np.array(o2.numpy()).reshape(3, 64), _matmul(rt, w2, DType.Q4_1, second))
+        finally:
+            ctx.close()
+            wctx.close()
+
+
 def test_routing(runtimes: dict[tuple[int, bool], Runtime], monkeypatch: pytest.MonkeyPatch) -> None:
     """Q4_1/Q8_0/Q4_K/Q6_K weights take the row kernels when the runtime allows them; other types and fast
     kernels not."""
     calls: list[int] = []
     inner = row_matmul.matmul
 
-    def counting(ctx: object, w: object, b: object) -> object:
+    def counting(ctx: object, w: object, b: object, casts: object) -> object:
         calls.append(1)
-        return inner(ctx, w, b)  # type: ignore[arg-type]
+        return inner(ctx, w, b, casts)  # type: ignore[arg-type]
     monkeypatch.setattr(row_matmul, "matmul", counting)
     g = np.random.default_rng(6)
     w = (g.standard_normal((8, 64)) * 0.05).astype(np.float32)
