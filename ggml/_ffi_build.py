@@ -252,9 +252,10 @@ CDEF_ROW_MATMUL = """
 // ---- ggml/row_matmul.c: batch-invariant quantized mat-mul, weights read once for up to four columns ----
 int pyrunner_row_matmul_supports(enum ggml_type type);
 int64_t pyrunner_row_matmul_max_k(void);
-struct ggml_tensor * pyrunner_row_matmul(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * b);
 int pyrunner_row_matmul_vec_type(enum ggml_type type);
-struct ggml_tensor * pyrunner_row_matmul_q(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * bq);
+int pyrunner_row_matmul_has_vnni(void);
+struct ggml_tensor * pyrunner_row_matmul_q(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * bq,
+                                           int vnni);
 """
 
 CDEF_TIME_BOX = """

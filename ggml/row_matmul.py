@@ -18,6 +18,12 @@ def _supported(ggml_type: int) -> bool:
 
 
 @cache
+def vnni() -> bool:
+    """Whether the Q4_1 / Q8_0 kernels take their AVX-VNNI variant (same bits, one instruction fewer per block)."""
+    return bool(lib.pyrunner_row_matmul_has_vnni())
+
+
+@cache
 def _max_k() -> int:
     return int(lib.pyrunner_row_matmul_max_k())
 
@@ -51,5 +57,5 @@ def matmul(ctx: CData, w: CData, b: CData, casts: dict[tuple[int, int], CData]) 
     if bq is None:
         flat = b if n2 == 1 and n3 == 1 else lib.ggml_reshape_4d(ctx, b, int(b.ne[0]), n1 * n2 * n3, 1, 1)
         bq = casts[key] = lib.ggml_cast(ctx, flat, vec_type)
-    out = lib.pyrunner_row_matmul_q(ctx, w, bq)
+    out = lib.pyrunner_row_matmul_q(ctx, w, bq, int(vnni()))
     return out if n2 == 1 and n3 == 1 else lib.ggml_reshape_4d(ctx, out, int(w.ne[1]), n1, n2, n3)

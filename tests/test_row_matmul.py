@@ -60,10 +60,17 @@ def _shapes(dtype: DType) -> list[tuple[int, int]]:
     return [(131, 512), (70, 256), (300, 1536)] if dtype.block_size == 256 else [(131, 576), (1000, 64)]
 
 
-@pytest.mark.parametrize("m,k,dtype", [(m, k, d) for d in TYPES for m, k in _shapes(d)],
+VARIANTS = [False] + ([True] if row_matmul.vnni() else [])  # the Q4_1 / Q8_0 kernels' AVX2 and AVX-VNNI builds
+
+
+@pytest.mark.parametrize("m,k,dtype,use_vnni", [(m, k, d, v) for d in TYPES for m, k in _shapes(d)
+                                                for v in (VARIANTS if d.block_size == 32 else [False])],
                          ids=lambda v: v.name if isinstance(v, DType) else str(v))
 def test_equals_ggml_reference_for_every_batch_size(runtimes: dict[tuple[int, bool], Runtime], dtype: DType,
-                                                    m: int, k: int) -> None:
+                                                    m: int, k: int, use_vnni: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both builds of the Q4_1 / Q8_0 kernels (AVX2 and AVX-VNNI integer sums) equal ggml's reference."""
+    monkeypatch.setattr(row_matmul, "vnni", lambda: use_vnni)
     g = np.random.default_rng(m + k)
     w = (g.standard_normal((m, k)) * 0.05).astype(np.float32)
     x = g.standard_normal((max(COLUMNS), k)).astype(np.float32)
