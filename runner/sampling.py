@@ -104,13 +104,15 @@ def apply_penalties(logits: npt.NDArray[np.float32], history: npt.NDArray[np.int
     if history.size == 0:
         return
     ids, counts = np.unique(history, return_counts=True)
-    keep = (ids >= 0) & (ids < logits.shape[0])
-    ids, counts = ids[keep], counts[keep]
+    if ids[0] < 0 or ids[-1] >= logits.shape[0]:  # sorted: the ends tell
+        keep = (ids >= 0) & (ids < logits.shape[0])
+        ids, counts = ids[keep], counts[keep]
     vals = logits[ids]
     rp = np.float32(repeat_penalty)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         out = np.where(vals <= 0, vals * rp, vals / rp)
-        out = out - (counts.astype(np.float32) * np.float32(frequency_penalty) + np.float32(presence_penalty))
+        if frequency_penalty != 0.0 or presence_penalty != 0.0:  # the usual request has a repeat penalty only
+            out = out - (counts.astype(np.float32) * np.float32(frequency_penalty) + np.float32(presence_penalty))
     if not np.isfinite(out).all():
         # Extreme penalties (e.g. repeat_penalty 1e-45, presence ±3.4e38) overflow float32 and can make inf - inf:
         # redo these few values in float64, where nothing overflows, and clip back into the finite float32 range
@@ -127,6 +129,33 @@ def top_k_sorted(logits: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.int6
     n = logits.shape[0]
     if k <= 0 or k >= n:
         return np.lexsort((np.arange(n), -logits))
+    cand = _at_least_kth(logits, k)
+    if cand is not None:
+        # every logit >= the k-th largest is a candidate, so sorting them (value down, id up) and keeping k gives
+        # exactly the ids below: the larger ones, then the lowest ids among those tied at the cut
+        return cand[np.lexsort((cand, -logits[cand]))][:k]
+    return _top_k_by_partition(logits, k)
+
+
+_STRIDE = 8  # every 8th logit estimates where the top k begin
+_SMALL_ROW = 4096  # below this a full partition is as cheap
+
+
+def _at_least_kth(logits: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.int64] | None:
+    """Ids of a small superset of the k largest logits: every logit at or above a cut taken from a strided sample,
+    where about 4k logits are expected; None when the cut let fewer than k through (then nothing is known).
+    A full argpartition of a 50k vocabulary costs ~100 µs per sampled token; this ~20 µs."""
+    n = logits.shape[0]
+    if n < _SMALL_ROW or k * _STRIDE > n:
+        return None
+    sample = logits[::_STRIDE]
+    j = max(1, k // 2)
+    cut = np.partition(sample, sample.size - j)[sample.size - j]
+    cand = np.flatnonzero(logits >= cut)
+    return cand if cand.size >= k else None
+
+
+def _top_k_by_partition(logits: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.int64]:
     part = np.argpartition(-logits, k - 1)[:k]
     kth = logits[part].min()
     above = np.flatnonzero(logits > kth)
@@ -266,9 +295,10 @@ class Sampler:
             SamplingError: NaN logits, or NaN probabilities (all -inf, or +inf logits).
         """
         row = np.asarray(logits, dtype=np.float32).reshape(-1)
-        if np.isnan(row).any():
+        top = row.max()  # NaN if any is (the maximum propagates NaN), +inf if any is: one pass checks both
+        if np.isnan(top):
             raise SamplingError(f"sampling failed: NaN in logits ({int(np.isnan(row).sum())} of {row.size})")
-        if np.isposinf(row).any():  # an overflowing model: treat +inf as the largest finite logit
+        if top == np.inf:  # an overflowing model: treat +inf as the largest finite logit
             row = np.where(np.isposinf(row), np.float32(_F32_MAX), row)
         if self._use_penalties and self._history:
             row = row.copy()

@@ -30,6 +30,27 @@ def test_top_k_sorted(logits: list[float], k: int, expected: list[int]) -> None:
     assert top_k_sorted(arr(*logits), k).tolist() == expected
 
 
+def test_top_k_of_a_large_vocabulary_equals_a_full_sort() -> None:
+    """On vocabulary-sized rows top_k_sorted takes its cut from a strided sample; whatever the row (smooth, heavy
+    ties, coarse values, mostly -inf as under a grammar, a pattern aligned with the stride), its ids equal those of
+    a full stable sort by value descending."""
+    g = np.random.default_rng(3)
+    n = 49152
+    rows = {
+        "normal": g.standard_normal(n),
+        "coarse": np.round(g.standard_normal(n) * 2),  # thousands of ties everywhere
+        "few-allowed": np.where(g.random(n) < 0.002, g.standard_normal(n), -np.inf),
+        "all-equal": np.zeros(n),
+        "stride-pattern": np.where(np.arange(n) % 8 == 0, -1.0, g.standard_normal(n)),
+        "one-spike": np.where(np.arange(n) == 777, 50.0, g.standard_normal(n) * 0.01),
+    }
+    for name, values in rows.items():
+        row = values.astype(np.float32)
+        full = np.lexsort((np.arange(n), -row))
+        for k in (1, 2, 40, 100, 1000):
+            assert top_k_sorted(row, k).tolist() == full[:k].tolist(), (name, k)
+
+
 def test_softmax() -> None:
     np.testing.assert_allclose(softmax(arr(0, 0)), [0.5, 0.5])
     np.testing.assert_allclose(softmax(arr(math.log(3), 0, 1000 - 1000)), [0.6, 0.2, 0.2], rtol=1e-6)
