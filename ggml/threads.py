@@ -82,7 +82,9 @@ class ThreadGovernor:
             # little cost), so it wins only if contention left none of them stalled and their mean is clearly
             # lower. A trial of fewer threads is short, and a clear loss ends it at once.
             up = self._trial > self.current
-            clear_loss = not up and seconds * self.margin > _median(self._samples)
+            # (not on its first step, which pays for the change: under contention, measured, the first step at one
+            # thread can cost more than a contended two-thread step, and the next ones half as much)
+            clear_loss = not up and len(self._trial_samples) > 1 and seconds * self.margin > _median(self._samples)
             if not finished or clear_loss or len(self._trial_samples) >= (self.WINDOW if up else self.trial_steps):
                 self._decide()
         elif threads == self.current:

@@ -92,6 +92,19 @@ def test_a_noisy_neighbour_does_not_keep_the_governor_at_fewer_threads() -> None
     assert gov.current == 2 and gov.n_switches == 1
 
 
+def test_the_first_step_at_fewer_threads_does_not_end_the_trial() -> None:
+    """Measured under contention: two threads take ~11.5 ms a step; the first step after dropping to one takes
+    13.6 ms, the next ones 7 ms. The first trial keeps going past that first step and switches."""
+    gov = ThreadGovernor(2, explore_every=4)
+    g = object()
+    at_one = 0
+    for _ in range(12):
+        n = gov.threads(g)
+        at_one = at_one + 1 if n == 1 else 0
+        gov.observe(g, n, 0.0112 if n == 2 else (0.0136 if at_one == 1 else 0.007))
+    assert gov.current == 1 and gov.n_switches == 1
+
+
 def test_only_trials_of_more_threads_get_a_time_box() -> None:
     gov = ThreadGovernor(2, explore_every=4, trial_steps=2)
     g = object()
