@@ -198,8 +198,9 @@ class GgmlContext:
 
     def recompute(self, *tensors: Tensor) -> bool:
         """Run the graph of the last `compute` again, as allocated then (inputs refreshed with `set`), and read
-        `tensors` (outputs of that `compute`). Returns False, running nothing, when the scheduler has computed
-        another graph since: the compute buffers then hold that graph, and this one must be built again.
+        `tensors` (outputs of that `compute`; none: the caller reads them itself, e.g. with `host_view`). Returns
+        False, running nothing, when the scheduler has computed another graph since: the compute buffers then hold
+        that graph, and this one must be built again.
 
         The same nodes, kernels and inputs as a fresh graph, so the results are the same bit for bit."""
         if not self.allocated:

@@ -124,6 +124,23 @@ class GgmlTensor:
             self._plain = (arr.dtype, tuple(reversed(self.shape)), raw.nbytes)
         return arr.reshape(tuple(reversed(self.shape)))
 
+    def host_view(self) -> npt.NDArray[Any]:
+        """The values as a read-only numpy view of the tensor's own memory, no copy: valid until that memory is
+        written again (the next compute of its graph). For a plain (not quantized, not BF16) tensor in host memory;
+        a reused graph's logits are 1 MB per row for a 262k vocabulary, and copying them out cost more per decode
+        step than everything else the step does in Python."""
+        if self._plain is None:
+            self._read()  # checks everything once, and raises for what cannot be viewed either
+        plain = self._plain
+        p = self._ptr
+        if plain is None or not lib.ggml_backend_buffer_is_host(p.buffer):
+            raise GgmlError(f"tensor {self.name!r} cannot be viewed in place (not plain host memory)")
+        if getattr(self._owner, "closed", False):
+            raise GgmlError("tensor belongs to a closed context or backend")
+        view = np.frombuffer(ffi.buffer(p.data, plain[2]), dtype=plain[0]).reshape(plain[1])
+        view.flags.writeable = False
+        return view
+
     def _squeeze(self) -> list[Any]:
         # Index that drops leading (outer) size-1 dims beyond the tensor's rank, keeping the byte dimension.
         n = len(self.shape)

@@ -554,6 +554,11 @@ class CellTable:
         if seq.size == 0:
             return np.empty(0, dtype=np.int32)
         self._check_seqs(seq)
+        if bounds(pos)[1] <= window:
+            # no position lies below any token's window (a sequence's first `window` steps): nothing to drop, and
+            # found without the numpy passes below (this runs on every decode step of a sliding-window model)
+            self._version += 1
+            return np.empty(0, dtype=np.int32)
         if all_distinct(seq):  # one token per sequence (a decode step): its position is lowest
             rows, threshold = seq, pos - window
         else:

@@ -438,7 +438,8 @@ class Engine:
         watch."""
         self.watch.begin(len(batch.tokens))
         try:
-            logits: np.ndarray[Any, Any] = self._forward.logits(batch)
+            # a view of the backend's output: every row is sampled before the next forward
+            logits: np.ndarray[Any, Any] = self._forward.logits(batch, copy=False)
         finally:
             self.watch.end()
         self._failed_forwards = 0

@@ -62,7 +62,10 @@ class Twin:
     def step(self, parts: list[tuple[list[int], int, int]]) -> list[int]:
         """Both runners take the step (separate Batch objects); logits must match bit for bit. Greedy tokens."""
         a = self.fresh.logits(_batch(parts))
-        b = self.kept.logits(_batch(parts))
+        copy = self.n_steps % 2 == 0  # every other step the batch loop's way: a view, no copy
+        reused = self.kept.n_reused
+        b = self.kept.logits(_batch(parts), copy=copy)
+        assert b.flags.writeable == (copy or self.kept.n_reused == reused)  # a view of a kept graph's output
         assert a.shape == b.shape == (len(parts), self.n_vocab)
         assert np.all(np.isfinite(a))
         diff = float(np.abs(a - b).max())
@@ -125,3 +128,30 @@ def test_kept_graph_matches_fresh_graph(model: str, request: pytest.FixtureReque
         assert (t.kept.n_built, t.kept.n_reused) == (built + 1, reused + 7)
     finally:
         t.close()
+
+
+def test_a_view_of_the_logits_lasts_until_the_next_forward(smollm2_path: Path) -> None:
+    """copy=False hands out the kept graph's output memory itself (read-only): the next step overwrites it, while a
+    copy keeps its values."""
+    backend = load_backend(smollm2_path, RuntimeOptions(threads=1))
+    model = load_model(backend)
+    cache = model.new_cache(flash=True)
+    cache.init(backend, DType.F16, 1, 256, 64)
+    runner = ForwardRunner(backend, model, cache)
+    try:
+        prompt = _tokens(int(model.params.n_vocab), 20, 4)
+        runner.logits(_batch([(prompt, 0, 0)]))
+        runner.logits(_batch([([5], 20, 0)]))  # builds the decode graph
+        copied = runner.logits(_batch([([6], 21, 0)]))
+        kept = copied.copy()
+        view = runner.logits(_batch([([7], 22, 0)]), copy=False)
+        assert not view.flags.writeable and np.array_equal(copied, kept)
+        before = view.copy()
+        again = runner.logits(_batch([([8], 23, 0)]), copy=False)
+        assert np.shares_memory(view, again)
+        assert not np.array_equal(view, before) and np.array_equal(view, again)  # overwritten in place
+        assert np.array_equal(copied, kept)
+    finally:
+        runner.close()
+        cache.close()
+        backend.close()
