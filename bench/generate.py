@@ -238,7 +238,8 @@ def table(ours: Best, theirs: Best | None, threads: int) -> str:
     for n in SEQS:
         rows.append((f"decode, {n} seq{'s' if n > 1 else ''} x {N_DECODE} tokens (tok/s)", a.get(f"decode{n}"),
                      b.get(f"decode{n}")))
-    scale = (lambda r: r["decode4"] / r["decode1"] if "decode4" in r and "decode1" in r else None)
+    def scale(r: dict[str, float]) -> float | None:
+        return r["decode4"] / r["decode1"] if "decode4" in r and "decode1" in r else None
     rows.append(("4 seqs / 1 seq decode (x)", scale(a), scale(b)))
     rows.append((f"decode, 1 seq, {threads} threads, one busy process (tok/s)", a.get("decode1_contended"),
                  b.get("decode1_contended")))
