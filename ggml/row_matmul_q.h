@@ -20,6 +20,7 @@ PYR_QI __m256 PYR_Q(pyr_dot_us8)(__m256i ux, __m256i sy) {
 PYR_QI void PYR_Q(pyr_q4_1_tile)(const char * w, size_t w_row, int64_t r, int nb, const pyr_block_q8_1 * const * y,
                               const float * yd, const float * ys, float * const * out, const int nr, const int nc) {
     const __m256i low = _mm256_set1_epi8(0x0F);
+    const __m256i shift = _mm256_set_epi64x(4, 4, 0, 0);  /* low half: low nibbles; high half: high nibbles */
     const pyr_block_q4_1 * x[PYR_MAX_ROWS];
     __m256 acc[PYR_MAX_ROWS][PYR_MAX_COLS];
     __m128 summs[PYR_MAX_ROWS];
@@ -35,10 +36,16 @@ PYR_QI void PYR_Q(pyr_q4_1_tile)(const char * w, size_t w_row, int64_t r, int nb
         __m256 d0[PYR_MAX_ROWS];
         __m256i qx[PYR_MAX_ROWS];
         for (int i = 0; i < nr; ++i) {
-            d0[i] = _mm256_set1_ps(pyr_half(x[i][ib].d));
-            summs[i] = _mm_fmadd_ps(_mm_set1_ps(pyr_half(x[i][ib].m)), ysv, summs[i]);
-            const __m128i packed = _mm_loadu_si128((const __m128i *) x[i][ib].qs);
-            qx[i] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+            /* d and m converted together (one vcvtph2ps; the same exact values as two scalar conversions), and
+               the nibbles unpacked from one 128-bit broadcast: fewer instructions per weight block, which is what
+               a many-column tile is bound by */
+            int32_t dm_bits;
+            memcpy(&dm_bits, &x[i][ib].d, sizeof(dm_bits));
+            const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(dm_bits));
+            d0[i] = _mm256_broadcastss_ps(dm);
+            summs[i] = _mm_fmadd_ps(_mm_permute_ps(dm, 0x55), ysv, summs[i]);
+            const __m256i packed = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *) x[i][ib].qs));
+            qx[i] = _mm256_and_si256(_mm256_srlv_epi64(packed, shift), low);
         }
         for (int c = 0; c < nc; ++c) {
             const __m256 d1 = _mm256_broadcast_ss(yd + ib * 4 + c);
