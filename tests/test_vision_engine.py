@@ -124,9 +124,9 @@ def test_an_image_is_never_split(loaded: Loaded, monkeypatch: pytest.MonkeyPatch
     batches: list[Batch] = []
     forward = ForwardRunner.logits
 
-    def recording(self: ForwardRunner, batch: Batch) -> Any:
+    def recording(self: ForwardRunner, batch: Batch, **kw: Any) -> Any:
         batches.append(batch)
-        return forward(self, batch)
+        return forward(self, batch, **kw)
 
     monkeypatch.setattr(ForwardRunner, "logits", recording)
     reqs = [request("the a [img-0] the [img-1] a", {0: png(1), 1: png(2)}, n=2), request("a the a", {}, n=3)]
