@@ -18,59 +18,37 @@ return a plan (:class:`~kvcache.plans.DefragPlan`,
 
 Public API (:class:`CellTable`)
 -------------------------------
-Allocation:
-  ``free_cells(n) -> int32[n]``         lowest free cells, any layout.
-  ``ordered_free_cells(positions, seqs) -> int32[n] | None``  lowest free
-                                        cells that keep every sequence's
-                                        cells in position order, or None
-                                        when only a defrag makes room.
-  ``find_slot(n) -> int | None``        start of a contiguous free run, or
-                                        None when only a defrag makes one.
-  ``defrag_plan() -> DefragPlan``       compaction of used cells to the front.
-  ``apply_moves(plan)``                 apply that compaction to the metadata.
-  ``store(cells, positions, seqs) -> int32[n]``  mark cells used.
-  ``free(cells)``                       undo a store (e.g. a failed forward).
-  Both allocators raise :class:`~kvcache.errors.CacheFullError` when fewer
-  than ``n`` cells are free at all (no defrag can help).
-
-Masks:
-  ``kv_range(pad, seqs=None) -> (start, stop)``  cell range to attend over.
-  ``mask(positions, seqs, *, kv_range, kv_pad, row_pad, window, chunk,
-  causal, dtype) -> (n_rows, n_kv)``             additive 0/-inf mask;
-  layout and visibility rule in :mod:`kvcache.masks`.
-
-Sequence edits:
-  ``remove(seq, begin, end=None) -> ShiftPlan | None``
-  ``copy_prefix(src, dst, n)``
-  ``can_resume(seq, pos, window=None) -> bool``
-  ``evict_outside_window(positions, seqs, window) -> int32[k]`` freed cells.
-
-Queries: ``seq_cells``, ``seq_positions``, ``max_pos``, ``positions``,
-``sequences``, ``n_used``, ``n_free``, ``extent``, ``version``; ``clear()``.
+Allocation: ``free_cells``, ``ordered_free_cells`` (cells that keep each
+sequence in position order, or None when only a defrag makes room),
+``place`` (that, and ``store``, in one call), ``find_slot``, ``defrag_plan``
+/ ``apply_moves``, ``store``, ``free``; the allocators raise
+:class:`~kvcache.errors.CacheFullError` when fewer than ``n`` cells are
+free at all.  Masks: ``kv_range``, ``mask`` (layout and visibility rule in
+:mod:`kvcache.masks`).  Sequence edits: ``remove``, ``copy_prefix``,
+``can_resume``, ``evict_outside_window``.  Queries: ``seq_cells``,
+``seq_positions``, ``max_pos``, ``positions``, ``sequences``, ``n_used``,
+``n_free``, ``extent``, ``version``; ``clear()``.
 
 How the tensor layer should use it (one forward batch)
 ------------------------------------------------------
 1. Sliding-window caches first call ``evict_outside_window(positions,
    seqs, window)`` so cells no token can see any more become free.
-2. Pick write cells.  Recommended: ``cells = table.ordered_free_cells(
-   positions, seqs)`` (after a defrag when it returns None), or
-   ``table.free_cells(n)`` when cell order does not matter, and
-   write K/V with ``ggml_set_rows(K, k_cur, cells_tensor)``.  The write
-   locations are then an input tensor (int32/int64[n]), so the graph's
-   shape does not depend on where the free cells are and no
-   defragmentation is ever *required*.  Contiguous alternative:
-   ``start = table.find_slot(n)``; if None, ``plan = table.defrag_plan()``,
-   move K/V rows per the plan on every layer, ``table.apply_moves(plan)``,
-   and ``find_slot`` again (now guaranteed to succeed).
-3. ``table.store(cells, positions, seqs)`` -- before building the mask, so
-   the batch's own cells are visible (causally) to the batch.
-4. ``start, stop = table.kv_range(pad)``; attend over the K/V views of
+2. Pick and store the write cells: ``cells = table.place(positions,
+   seqs)`` (after a defrag when it returns None; ``ordered_free_cells`` and
+   then ``store`` do the same in two calls), and write K/V with
+   ``ggml_set_rows(K, k_cur, cells_tensor)``: the write locations are an
+   input tensor, so the graph's shape does not depend on where the free
+   cells are.  Contiguous alternative: ``find_slot(n)``, after a defrag
+   (``defrag_plan``, moving the K/V rows, ``apply_moves``) when it returns
+   None.  Storing comes before the mask, so the batch's own cells are
+   visible (causally) to the batch.
+3. ``start, stop = table.kv_range(pad)``; attend over the K/V views of
    cells ``[start, stop)`` with ``table.mask(..., kv_range=(start, stop))``.
    The default range ``[0, round_up(extent, pad))`` changes width only every
    ``pad`` cells, so decode-step graphs keep their shapes; choose
    ``capacity`` as a multiple of ``pad``.  Cells in the range that belong to
    other sequences or are empty are simply masked.
-5. After a ``remove`` that returns a :class:`ShiftPlan`, re-rotate the keys
+4. After a ``remove`` that returns a :class:`ShiftPlan`, re-rotate the keys
    of ``plan.cells`` by ``plan.delta`` on every layer (model callback)
    before the next forward; the positions here are already updated.
 
@@ -199,13 +177,10 @@ class CellTable:
         free cell above all cells its sequence already holds, in the order of its position among the batch's
         tokens of that sequence (lowest such cells first).
 
-        Why: attention kernels visit cells in index order, and the order of a floating-point reduction changes
-        its last bits; with cells in position order a sequence's attention sums run the same way whatever other
-        sequences hold the cells in between, so its results do not depend on them.
-
-        Returns None when some sequence has too few free cells above its last one; after a compaction
-        (:meth:`defrag_plan`, which keeps the cell order) every free cell lies above every used one, and this
-        succeeds whenever ``n`` cells are free.
+        Why: attention visits cells in index order; in position order a sequence's attention sums run the same way
+        whatever other sequences hold the cells in between. Returns None when some sequence has too few free cells
+        above its last one; after a compaction (:meth:`defrag_plan`, order kept) this succeeds whenever ``n``
+        cells are free.
 
         Raises:
             CacheFullError: fewer than ``n`` cells are free at all.
