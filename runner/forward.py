@@ -15,6 +15,7 @@ defrag or shift, an embedding) makes the next step build again (`GgmlContext.rec
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ class _Kept:
     out: Tensor
     batch_inputs: list[tuple[Tensor, str]]  # tensor, Batch field
     cache_inputs: list[tuple[Tensor, int]]  # tensor, index into ForwardInputs.arrays
+    view: Callable[[], npt.NDArray[Any]] | None  # the output read in place, where it is in host memory
 
 
 class _Refresh:
@@ -85,7 +87,7 @@ class ForwardRunner:
                 self.cache.start_forward(_Refresh(kept, inputs.arrays), batch)  # takes the placement, sets inputs
                 for t, name in kept.batch_inputs:
                     kept.ctx.set(t, getattr(batch, name))
-                view = None if copy else getattr(kept.out, "host_view", None)
+                view = None if copy else kept.view
                 if not (kept.ctx.recompute() if view is not None else kept.ctx.recompute(kept.out)):
                     raise RuntimeError("the kept graph lost its allocation")  # `allocated` said otherwise
                 logits = self._read(kept.out) if view is None else np.asarray(view()).reshape(-1, self.n_vocab)
@@ -133,7 +135,7 @@ class ForwardRunner:
                 cache_inputs.append((t, slots[id(src)]))
             else:
                 return None
-        return _Kept(key, ctx, out, batch_inputs, cache_inputs)
+        return _Kept(key, ctx, out, batch_inputs, cache_inputs, _in_place_view(out))
 
     def drop(self) -> None:
         """Free the kept graph (before the cache's tensors go, or to save its memory)."""
@@ -143,3 +145,15 @@ class ForwardRunner:
 
     def close(self) -> None:
         self.drop()
+
+
+def _in_place_view(out: Tensor) -> Callable[[], npt.NDArray[Any]] | None:
+    """`out`'s in-place reader when it has one and its memory is the host's (an output left on a GPU is copied)."""
+    view: Callable[[], npt.NDArray[Any]] | None = getattr(out, "host_view", None)
+    if view is None:
+        return None
+    try:
+        view()
+    except Exception:  # GgmlError: not plain host memory
+        return None
+    return view
