@@ -14,6 +14,7 @@ from typing import Any
 
 MODULE_NAME = "ggml._ggml_api"
 ROW_MATMUL_C = Path(__file__).resolve().parent / "row_matmul.c"
+ROW_ATTENTION_C = Path(__file__).resolve().parent / "row_attention.c"
 
 CDEF_GGML_H = """
 // ---- ggml.h ----
@@ -258,6 +259,14 @@ struct ggml_tensor * pyrunner_row_matmul_q(struct ggml_context * ctx, struct ggm
                                            int vnni);
 """
 
+CDEF_ROW_ATTENTION = """
+// ---- ggml/row_attention.c: batch-invariant attention over an F16 KV cache, visible cells only ----
+int pyrunner_row_attention_supported(void);
+struct ggml_tensor * pyrunner_row_attention(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                            struct ggml_tensor * v, struct ggml_tensor * mask, float scale,
+                                            float softcap);
+"""
+
 CDEF_TIME_BOX = """
 // ---- a time box for one CPU graph compute (the thread governor's trials) ----
 void pyrunner_cpu_time_box(ggml_backend_t backend_cpu, double * deadline, double seconds);
@@ -265,7 +274,8 @@ void pyrunner_cpu_time_box(ggml_backend_t backend_cpu, double * deadline, double
 void pyrunner_graph_forget_allocation(struct ggml_cgraph * graph);
 """
 
-CDEF = CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC + CDEF_ROW_MATMUL + CDEF_TIME_BOX
+CDEF = (CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC + CDEF_ROW_MATMUL + CDEF_ROW_ATTENTION
+        + CDEF_TIME_BOX)
 
 C_SOURCE = """
 #include "ggml.h"
@@ -425,7 +435,7 @@ def make_builder() -> Any:
 
     ffibuilder = cffi.FFI()
     ffibuilder.cdef(CDEF)
-    ffibuilder.set_source(MODULE_NAME, C_SOURCE + ROW_MATMUL_C.read_text())
+    ffibuilder.set_source(MODULE_NAME, C_SOURCE + ROW_MATMUL_C.read_text() + ROW_ATTENTION_C.read_text())
     return ffibuilder
 
 

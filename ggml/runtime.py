@@ -48,6 +48,9 @@ class RuntimeOptions:
     row_matmul: bool = True
     """Without fast_kernels: run Q4_1/Q8_0/Q4_K/Q6_K mat-muls on the row kernels (ggml/row_matmul.py), which read each
     weight block once for up to four columns and compute every element as ggml's reference kernel does."""
+    row_attention: bool = True
+    """Without fast_kernels: fused attention over an F16 KV cache in host memory runs on ggml/row_attention.c (each
+    query row and head over its visible cells only, F32 sums) instead of ggml's flash_attn_ext."""
     rpc: tuple[str, ...] = ()
     """`host:port` of ggml rpc-servers: each is one more device for layer placement (see ggml/placement.py)."""
     adaptive_threads: bool = True
@@ -95,6 +98,8 @@ class Runtime:
         lib.ggml_backend_cpu_set_use_ref(self.cpu_backend, not opts.fast_kernels)
         self.cpu_buft = lib.ggml_backend_get_default_buffer_type(self.cpu_backend)
         self.row_matmul = opts.row_matmul and not opts.fast_kernels
+        self.row_attention = (opts.row_attention and not opts.fast_kernels
+                              and bool(lib.pyrunner_row_attention_supported()))
         # ggml's repack set_tensor dereferences the layout it picked, which exists for these types only with AVX2.
         use_repack = opts.use_repack and bool(lib.ggml_cpu_has_avx2())
         self.repack_buft = self._find_repack_buft() if use_repack else None

@@ -37,6 +37,20 @@ def _meta(t: Tensor | None) -> tuple[DType, guards.Ne] | None:
     return None if t is None else (DType(_t(t).type), _ne(t))
 
 
+def _row_attention_usable(q: CData, k: CData, v: CData, mask: CData) -> bool:
+    """Whether ggml/row_attention.c takes this attention: F32 queries, F16 keys and values in host memory (a cache
+    layer on a GPU stays with ggml's kernel, which runs there), an F16 mask, 3-D operands. The answer depends on
+    the model and the cache's type and placement only, never on the batch, so every batch of a run takes the same
+    kernel."""
+    return (mask != ffi.NULL and int(q.type) == lib.GGML_TYPE_F32 and int(k.type) == lib.GGML_TYPE_F16
+            and int(v.type) == lib.GGML_TYPE_F16 and int(mask.type) == lib.GGML_TYPE_F16
+            and int(q.ne[3]) == 1 and int(k.ne[3]) == 1 and int(v.ne[3]) == 1
+            and int(mask.ne[2]) == 1 and int(mask.ne[3]) == 1
+            and int(q.ne[2]) % int(k.ne[2]) == 0 and int(k.ne[2]) == int(v.ne[2])
+            and k.buffer != ffi.NULL and v.buffer != ffi.NULL
+            and bool(lib.ggml_backend_buffer_is_host(k.buffer)) and bool(lib.ggml_backend_buffer_is_host(v.buffer)))
+
+
 def _transposed(t: Tensor) -> bool:
     return bool(_t(t).nb[0] > _t(t).nb[1])
 
@@ -287,9 +301,12 @@ class GgmlTensor:
         guards.flash_attn(self.ne, k.dtype, _ne(k), v.dtype, _ne(v), _meta(mask))
         guards.finite("flash_attn_ext", "scale", scale)
         guards.finite("flash_attn_ext", "softcap", softcap)
-        out = lib.ggml_flash_attn_ext(_c(ctx).c, self._ptr, _t(k), _t(v), _t(mask), scale, 0.0, softcap)
+        c = _c(ctx)
+        if c.runtime.row_attention and _row_attention_usable(self._ptr, _t(k), _t(v), _t(mask)):
+            return c.wrap(lib.pyrunner_row_attention(c.c, self._ptr, _t(k), _t(v), _t(mask), scale, softcap))
+        out = lib.ggml_flash_attn_ext(c.c, self._ptr, _t(k), _t(v), _t(mask), scale, 0.0, softcap)
         lib.ggml_prec_set_acc(out, lib.GGML_PREC_F32)
-        return _c(ctx).wrap(out)
+        return c.wrap(out)
 
     # ---- shape and layout ----
     def reshape(self, ctx: Context, *shape: int) -> Tensor:
