@@ -20,13 +20,6 @@
 
 #define PYR_ATT_TARGET __attribute__((target("avx2,fma,f16c")))
 
-PYR_ATT_TARGET static inline float pyr_att_hsum(__m256 a) {
-    __m128 r = _mm_add_ps(_mm256_extractf128_ps(a, 1), _mm256_castps256_ps128(a));
-    r = _mm_add_ps(r, _mm_movehl_ps(r, r));
-    r = _mm_add_ss(r, _mm_movehdup_ps(r));
-    return _mm_cvtss_f32(r);
-}
-
 #define PYR_ATT_BLOCK 8  /* visible cells scored together: eight independent dot products hide the fma latency */
 
 /* e^x for 8 lanes: x = n ln2 + r (|r| <= ln2 / 2), a degree-6 polynomial for e^r (relative error ~2e-7), and n
