@@ -151,8 +151,12 @@ def _at_least_kth(logits: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.int
     sample = logits[::_STRIDE]
     j = max(1, k // 2)
     cut = np.partition(sample, sample.size - j)[sample.size - j]
+    if not np.isfinite(cut):  # a row mostly -inf (a grammar's mask): the cut would let everything through
+        return None
     cand = np.flatnonzero(logits >= cut)
-    return cand if cand.size >= k else None
+    # fewer than k: nothing is known; a quarter of the row or more (massive ties): sorting them costs more than
+    # the partition
+    return cand if k <= cand.size <= n // 4 else None
 
 
 def _top_k_by_partition(logits: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.int64]:
