@@ -2,7 +2,7 @@
 batched decode over 1/2/4 sequences, decode with a competing busy process, and the Python work per decode step.
 
     .venv/bin/python bench/generate.py [--model PATH ...] [--threads N] [--repeats 3] [--no-reuse] [--ggml-matmul]
-                                        [--ggml-attention]
+                                        [--row-attention]
 
 Per model (default: SmolLM2 and Gemma 3 where fetched), best of `--repeats` runs each, ours and llama.cpp's runs
 interleaved so that both see the same load:
@@ -70,7 +70,7 @@ class Ours:
     """The runner's path: a KV cache and a ForwardRunner (graph reuse unless `reuse` is off)."""
 
     def __init__(self, path: Path, threads: int, *, unfused: bool = False, fast_kernels: bool = False,
-                 reuse: bool = True, row_matmul: bool = True, row_attention: bool = True) -> None:
+                 reuse: bool = True, row_matmul: bool = True, row_attention: bool = False) -> None:
         self.fused, self.reuse = not unfused, reuse
         self.backend = load_backend(path, RuntimeOptions(threads=threads, fast_kernels=fast_kernels,
                                                          row_matmul=row_matmul, row_attention=row_attention))
@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fast-kernels", action="store_true",
                     help="ggml's batch-shape-dependent kernels (tiled/split attention, repacked weights)")
     ap.add_argument("--no-reuse", action="store_true", help="build every step's graph (no graph reuse)")
-    ap.add_argument("--ggml-attention", action="store_true",
-                    help="ggml's fused attention instead of the row attention kernel for F16 KV caches")
+    ap.add_argument("--row-attention", action="store_true",
+                    help="the row attention kernel (ggml/row_attention.c) for F16 KV caches instead of ggml's")
     ap.add_argument("--ggml-matmul", action="store_true",
                     help="ggml's reference mat-mul for Q4_1/Q8_0/Q4_K/Q6_K weights instead of the row kernels")
     args = ap.parse_args(argv)
@@ -294,12 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, threads {args.threads}, "
           f"KV cache f16, best of {args.repeats}, Q4_1/Q8_0/Q4_K/Q6_K mat-mul: "
           f"{'ggml reference' if args.ggml_matmul else 'row kernels'}, attention: "
-          f"{'ggml flash_attn_ext' if args.ggml_attention else 'row kernel'}" + ("" if llamacpp.available() else
+          f"{'row kernel' if args.row_attention else 'ggml flash_attn_ext'}" + ("" if llamacpp.available() else
                                                       "; llama_cpp not importable: its column is n/a"))
     for path in models:
         ours, theirs = bench_model(path, args.threads, args.repeats, unfused=args.unfused,
                                    fast_kernels=args.fast_kernels, reuse=not args.no_reuse,
-                                   row_matmul=not args.ggml_matmul, row_attention=not args.ggml_attention)
+                                   row_matmul=not args.ggml_matmul, row_attention=args.row_attention)
         print(f"\n{path.name}\n")
         print(table(ours, theirs, args.threads))
         sys.stdout.flush()

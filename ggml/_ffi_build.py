@@ -46,6 +46,7 @@ struct ggml_tensor {
     struct ggml_backend_buffer * buffer;
     int64_t ne[...];
     size_t nb[...];
+    struct ggml_tensor * view_src;
     void * data;
     char name[...];
     ...;

@@ -48,9 +48,11 @@ class RuntimeOptions:
     row_matmul: bool = True
     """Without fast_kernels: run Q4_1/Q8_0/Q4_K/Q6_K mat-muls on the row kernels (ggml/row_matmul.py), which read each
     weight block once for up to four columns and compute every element as ggml's reference kernel does."""
-    row_attention: bool = True
+    row_attention: bool = False
     """Without fast_kernels: fused attention over an F16 KV cache in host memory runs on ggml/row_attention.c (each
-    query row and head over its visible cells only, F32 sums) instead of ggml's flash_attn_ext."""
+    query row and head over its visible cells only, F32 sums) instead of ggml's flash_attn_ext. Off by default: its
+    (more accurate) sums flip a near tie in SmolLM2's greedy text against llama.cpp's, and layers on an rpc-server,
+    which cannot run it, would no longer compute the bits of local ones."""
     rpc: tuple[str, ...] = ()
     """`host:port` of ggml rpc-servers: each is one more device for layer placement (see ggml/placement.py)."""
     adaptive_threads: bool = True

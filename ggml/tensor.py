@@ -47,8 +47,14 @@ def _row_attention_usable(q: CData, k: CData, v: CData, mask: CData) -> bool:
             and int(q.ne[3]) == 1 and int(k.ne[3]) == 1 and int(v.ne[3]) == 1
             and int(mask.ne[2]) == 1 and int(mask.ne[3]) == 1
             and int(q.ne[2]) % int(k.ne[2]) == 0 and int(k.ne[2]) == int(v.ne[2])
-            and k.buffer != ffi.NULL and v.buffer != ffi.NULL
-            and bool(lib.ggml_backend_buffer_is_host(k.buffer)) and bool(lib.ggml_backend_buffer_is_host(v.buffer)))
+            and _in_host_memory(k) and _in_host_memory(v))
+
+
+def _in_host_memory(t: CData) -> bool:
+    """Whether `t`'s data lives in a host buffer: a view's buffer is only set when the graph is allocated, so the
+    tensor it views is asked (a KV cache layer's K and V are views of its cache tensors)."""
+    owner = t.view_src if t.view_src != ffi.NULL else t
+    return bool(owner.buffer != ffi.NULL and lib.ggml_backend_buffer_is_host(owner.buffer))
 
 
 def _transposed(t: Tensor) -> bool:

@@ -7,16 +7,22 @@ however many threads run it. ggml's own kernel, which sums the values in F16, ag
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
-from ggml import Runtime, RuntimeOptions
+import ggml.tensor as tensor_module
+from ggml import Runtime, RuntimeOptions, load_backend
 from ggml._lib import lib
 from ggml.context import GgmlContext
 from ggml.tensor import GgmlTensor, _row_attention_usable
+from ml.batch import Batch
 from ml.dtype import DType
+from models import load_model
+from runner.forward import ForwardRunner
 
 pytestmark = pytest.mark.skipif(not lib.pyrunner_row_attention_supported(),
                                 reason="the kernel needs AVX2, FMA and F16C")
@@ -131,3 +137,49 @@ def test_takes_f16_caches_only(runtimes: dict[tuple[int, bool], Runtime]) -> Non
         assert not usable(f16[0], f16[1], ctx.empty(DType.F16, 32, 2, 2))  # a per-head mask
     finally:
         ctx.close()
+
+
+def _model_logits(path: Path, row_attention: bool, parts: list[tuple[list[int], int]]) -> list[F]:
+    """Each (prompt, sequence) of `parts` in one batch through a small llama; the last row's logits of each."""
+    backend = load_backend(path, RuntimeOptions(threads=1, row_attention=row_attention))
+    try:
+        model = load_model(backend)
+        cache = model.new_cache(flash=True)
+        cache.init(backend, DType.F16, 2, 128, 64)
+        toks, pos, seqs, outs = [], [], [], []
+        for prompt, seq in parts:
+            toks += prompt
+            pos += list(range(len(prompt)))
+            seqs += [seq] * len(prompt)
+            outs.append(len(toks) - 1)
+        batch = Batch(np.array(toks, np.int32), np.array(pos, np.int32), np.array(seqs, np.int32),
+                      np.array(outs, np.int32))
+        runner = ForwardRunner(backend, model, cache)
+        try:
+            logits = runner.logits(batch)
+        finally:
+            runner.close()
+            cache.close()
+        return [logits[i] for i in range(len(parts))]
+    finally:
+        backend.close()
+
+
+def test_a_model_takes_it_and_stays_batch_invariant(smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through SmolLM2's decoder (K and V are views of the cache there): with the option on, every layer's attention
+    takes the kernel; a sequence's logits are the same alone and next to another one, bit for bit; and they stay
+    close to ggml's kernel's. (A random-weight F32 model would not do: ggml's F32 mat-mul is not batch-invariant.)"""
+    taken: list[bool] = []
+    usable = tensor_module._row_attention_usable
+
+    def counted(q: Any, k: Any, v: Any, mask: Any) -> bool:
+        taken.append(usable(q, k, v, mask))
+        return taken[-1]
+    monkeypatch.setattr(tensor_module, "_row_attention_usable", counted)
+    a, b = [504, 3575, 282, 4649, 314, 17, 99], [504, 3575, 282]
+    (alone,) = _model_logits(smollm2_path, True, [(a, 0)])
+    assert taken == [True] * 30
+    together = _model_logits(smollm2_path, True, [(b, 1), (a, 0)])
+    assert np.array_equal(together[1], alone)
+    (ggml,) = _model_logits(smollm2_path, False, [(a, 0)])
+    assert not np.array_equal(ggml, alone) and np.abs(ggml - alone).max() < 0.05 * np.abs(ggml).max()
