@@ -50,9 +50,9 @@ class RuntimeOptions:
     weight block once for up to four columns and compute every element as ggml's reference kernel does."""
     row_attention: bool = False
     """Without fast_kernels: fused attention over an F16 KV cache in host memory runs on ggml/row_attention.c (each
-    query row and head over its visible cells only, F32 sums) instead of ggml's flash_attn_ext. Off by default: its
-    (more accurate) sums flip a near tie in SmolLM2's greedy text against llama.cpp's, and layers on an rpc-server,
-    which cannot run it, would no longer compute the bits of local ones."""
+    query row and head over its visible cells only, F32 sums) instead of ggml's flash_attn_ext. Off by default (the
+    runner: OLLAMA_PYRUNNER_ROW_ATTENTION=1): its more accurate sums flip a near tie in SmolLM2's greedy text against
+    llama.cpp's. Ignored with rpc-servers, whose layers cannot run it."""
     rpc: tuple[str, ...] = ()
     """`host:port` of ggml rpc-servers: each is one more device for layer placement (see ggml/placement.py)."""
     adaptive_threads: bool = True
@@ -100,7 +100,8 @@ class Runtime:
         lib.ggml_backend_cpu_set_use_ref(self.cpu_backend, not opts.fast_kernels)
         self.cpu_buft = lib.ggml_backend_get_default_buffer_type(self.cpu_backend)
         self.row_matmul = opts.row_matmul and not opts.fast_kernels
-        self.row_attention = (opts.row_attention and not opts.fast_kernels
+        # Not with rpc-servers: their layers cannot run a custom op, and a split run computes a single process's bits
+        self.row_attention = (opts.row_attention and not opts.fast_kernels and not opts.rpc
                               and bool(lib.pyrunner_row_attention_supported()))
         # ggml's repack set_tensor dereferences the layout it picked, which exists for these types only with AVX2.
         use_repack = opts.use_repack and bool(lib.ggml_cpu_has_avx2())

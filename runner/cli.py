@@ -29,13 +29,14 @@ class Loaded:
 
     def __init__(self, path: str, threads: int, progress: Any = None, n_gpu_layers: int = 0, main_gpu: int = 0,
                  tensor_split: tuple[float, ...] = (), flash: bool = False, fast_kernels: bool = False,
-                 rpc: tuple[str, ...] = (), mmproj: str = "") -> None:
+                 rpc: tuple[str, ...] = (), mmproj: str = "", row_attention: bool = False) -> None:
         from ggml import RuntimeOptions, load_backend
         from ml.errors import ModelLoadError
         from models import load_model, takes_projector, widened_types
         from models.tokenizer import tokenizer_from_metadata
         opts = RuntimeOptions(threads=threads, n_gpu_layers=n_gpu_layers, main_gpu=main_gpu,
-                              tensor_split=tensor_split, flash_attention=flash, fast_kernels=fast_kernels, rpc=rpc)
+                              tensor_split=tensor_split, flash_attention=flash, fast_kernels=fast_kernels, rpc=rpc,
+                              row_attention=row_attention)
         if mmproj and not takes_projector(architecture_of(path)):
             # Ollama v0.5.12 passed its llama engine's --mmproj to the new engine too: a model that cannot use
             # one serves text, as the Go runner's flag parser would have let it.
@@ -111,7 +112,7 @@ def run_runner(argv: Sequence[str]) -> int:
             def progress(p: float) -> None:
                 state.progress = p
             loaded = Loaded(cfg.model, cfg.threads, progress, cfg.n_gpu_layers, cfg.main_gpu, cfg.tensor_split,
-                            cfg.flash_attn, cfg.fast_kernels, cfg.rpc, cfg.mmproj)
+                            cfg.flash_attn, cfg.fast_kernels, cfg.rpc, cfg.mmproj, cfg.row_attention)
             engine = Engine(loaded.backend, loaded.model, loaded.tokenizer, n_ctx=cfg.ctx_size,
                             n_batch=cfg.batch_size, parallel=cfg.parallel, multiuser=cfg.multiuser_cache,
                             flash=cfg.flash_attn, kv_type=_kv_type(cfg.kv_cache_type if cfg.flash_attn else ""))

@@ -5,7 +5,8 @@ Unlike Go we do not exit on an unknown flag: it is returned for the caller to lo
 non-flag value takes that value along). The dialect comes from `--dialect`, else OLLAMA_RUNNER_DIALECT, else p3.
 OLLAMA_PYRUNNER_FAST_KERNELS=1 trades batch invariance for prefill speed (see ggml.runtime.RuntimeOptions); the Go
 server passes its environment to the runner, so it can be set where `ollama serve` starts; so can
-OLLAMA_PYRUNNER_RPC (the `--rpc` endpoints, when the flag is not given).
+OLLAMA_PYRUNNER_RPC (the `--rpc` endpoints, when the flag is not given) and OLLAMA_PYRUNNER_ROW_ATTENTION=1 (the
+project's attention kernel for F16 KV caches, see ggml.runtime.RuntimeOptions.row_attention).
 The environment is passed in; nothing here reads globals.
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from runner.protocol import Dialect
 DIALECT_ENV: Final = "OLLAMA_RUNNER_DIALECT"
 FAST_KERNELS_ENV: Final = "OLLAMA_PYRUNNER_FAST_KERNELS"
 RPC_ENV: Final = "OLLAMA_PYRUNNER_RPC"
+ROW_ATTENTION_ENV: Final = "OLLAMA_PYRUNNER_ROW_ATTENTION"
 
 _BOOL_FLAGS: Final = frozenset({"ollama-engine", "flash-attn", "multiuser-cache", "verbose", "no-mmap", "mlock"})
 _INT_FLAGS: Final = frozenset({"ctx-size", "batch-size", "n-gpu-layers", "main-gpu", "threads", "parallel", "port"})
@@ -58,6 +60,7 @@ class RunnerConfig:
     ollama_engine: bool = False
     fast_kernels: bool = False
     rpc: tuple[str, ...] = ()  # ggml rpc-server endpoints, host:port
+    row_attention: bool = False
 
     @property
     def n_ctx_per_seq(self) -> int:
@@ -191,6 +194,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str],
         source = "--dialect" if "dialect" in values else DIALECT_ENV
         raise ValueError(f"{source}: {exc}") from None
     fast_kernels = _parse_bool(env.get(FAST_KERNELS_ENV, "").strip() or "false", FAST_KERNELS_ENV)
+    row_attention = _parse_bool(env.get(ROW_ATTENTION_ENV, "").strip() or "false", ROW_ATTENTION_ENV)
     rpc_text, rpc_source = (values["rpc"], "--rpc") if "rpc" in values else (env.get(RPC_ENV, ""), RPC_ENV)
     try:
         rpc = parse_rpc_endpoints(rpc_text)
@@ -205,7 +209,8 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str],
         multiuser_cache=bools.get("multiuser-cache", False), verbose=bools.get("verbose", False),
         no_mmap=bools.get("no-mmap", False), mlock=bools.get("mlock", False), lora=tuple(loras),
         mmproj=values.get("mmproj", ""), port=ints.get("port", 8080), dialect=dialect,
-        ollama_engine=bools.get("ollama-engine", False), fast_kernels=fast_kernels, rpc=rpc)
+        ollama_engine=bools.get("ollama-engine", False), fast_kernels=fast_kernels, rpc=rpc,
+        row_attention=row_attention)
     _validate(config)
     return config, tuple(unknown)
 

@@ -22,6 +22,8 @@ from ggml.tensor import GgmlTensor, _row_attention_usable
 from ml.batch import Batch
 from ml.dtype import DType
 from models import load_model
+from runner.cli import Loaded
+from runner.flags import parse_args
 from runner.forward import ForwardRunner
 
 pytestmark = pytest.mark.skipif(not lib.pyrunner_row_attention_supported(),
@@ -183,3 +185,13 @@ def test_a_model_takes_it_and_stays_batch_invariant(smollm2_path: Path, monkeypa
     assert np.array_equal(together[1], alone)
     (ggml,) = _model_logits(smollm2_path, False, [(a, 0)])
     assert not np.array_equal(ggml, alone) and np.abs(ggml - alone).max() < 0.05 * np.abs(ggml).max()
+
+
+def test_the_runner_turns_it_on_from_its_config(smollm2_path: Path) -> None:
+    """OLLAMA_PYRUNNER_ROW_ATTENTION=1 reaches the runtime (runner.flags -> RunnerConfig -> Loaded)."""
+    config, _ = parse_args(["--model", str(smollm2_path)], {"OLLAMA_PYRUNNER_ROW_ATTENTION": "1"})
+    loaded = Loaded(config.model, 1, row_attention=config.row_attention)
+    try:
+        assert loaded.backend.runtime.row_attention
+    finally:
+        loaded.backend.close()
