@@ -13,7 +13,7 @@ except ImportError as e:  # pragma: no cover - only without a build
 
 CData = Any  # cffi objects; never returned outside ggml/
 
-__all__ = ["CData", "check", "check_status", "ffi", "lib", "version"]
+__all__ = ["CData", "check", "check_status", "ffi", "in_host_memory", "lib", "version"]
 
 log = logging.getLogger("ggml")
 _LEVELS = {
@@ -45,6 +45,14 @@ def check_status(status: int, call: str) -> None:
     """Raise GgmlError naming `call` unless `status` is GGML_STATUS_SUCCESS."""
     if status != lib.GGML_STATUS_SUCCESS:
         raise GgmlError(f"{call} failed with status {status}")
+
+
+def in_host_memory(t: CData) -> bool:
+    """Whether tensor `t`'s data lives in a host buffer. A view's own buffer is only set once its graph is
+    allocated, so for a view the tensor it views is asked (a KV cache layer's K and V are views of its cache
+    tensors)."""
+    owner = t.view_src if t.view_src != ffi.NULL else t
+    return bool(owner.buffer != ffi.NULL and lib.ggml_backend_buffer_is_host(owner.buffer))
 
 
 def version() -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from functools import cache
 
-from ggml._lib import CData, ffi, lib
+from ggml._lib import CData, ffi, in_host_memory, lib
 
 
 @cache
@@ -40,8 +40,7 @@ def usable(w: CData, b: CData) -> bool:
         return False
     return (_supported(int(w.type)) and int(b.type) == lib.GGML_TYPE_F32 and int(w.ne[0]) <= _max_k()
             and int(w.ne[2]) == 1 and int(w.ne[3]) == 1
-            and bool(lib.ggml_is_contiguous(w)) and bool(lib.ggml_is_contiguous(b))
-            and w.buffer != ffi.NULL and bool(lib.ggml_backend_buffer_is_host(w.buffer)))
+            and bool(lib.ggml_is_contiguous(w)) and bool(lib.ggml_is_contiguous(b)) and in_host_memory(w))
 
 
 def matmul(ctx: CData, w: CData, b: CData, casts: dict[tuple[int, int], CData]) -> CData:

@@ -8,7 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ggml import guards, row_matmul
-from ggml._lib import CData, check, ffi, lib
+from ggml._lib import CData, check, ffi, in_host_memory, lib
 from ml.dtype import DType
 from ml.errors import GgmlError
 
@@ -47,14 +47,7 @@ def _row_attention_usable(q: CData, k: CData, v: CData, mask: CData) -> bool:
             and int(q.ne[3]) == 1 and int(k.ne[3]) == 1 and int(v.ne[3]) == 1
             and int(mask.ne[2]) == 1 and int(mask.ne[3]) == 1
             and int(q.ne[2]) % int(k.ne[2]) == 0 and int(k.ne[2]) == int(v.ne[2])
-            and _in_host_memory(k) and _in_host_memory(v))
-
-
-def _in_host_memory(t: CData) -> bool:
-    """Whether `t`'s data lives in a host buffer: a view's buffer is only set when the graph is allocated, so the
-    tensor it views is asked (a KV cache layer's K and V are views of its cache tensors)."""
-    owner = t.view_src if t.view_src != ffi.NULL else t
-    return bool(owner.buffer != ffi.NULL and lib.ggml_backend_buffer_is_host(owner.buffer))
+            and in_host_memory(k) and in_host_memory(v))
 
 
 def _transposed(t: Tensor) -> bool:
@@ -151,12 +144,12 @@ class GgmlTensor:
         step than everything else the step does in Python."""
         if self._plain is None:
             self._read()  # checks everything once, and raises for what cannot be viewed either
+        elif getattr(self._owner, "closed", False):  # before touching the C tensor, freed with its owner
+            raise GgmlError("tensor belongs to a closed context or backend")
         plain = self._plain
         p = self._ptr
-        if plain is None or not lib.ggml_backend_buffer_is_host(p.buffer):
+        if plain is None or not in_host_memory(p):
             raise GgmlError(f"tensor {self.name!r} cannot be viewed in place (not plain host memory)")
-        if getattr(self._owner, "closed", False):
-            raise GgmlError("tensor belongs to a closed context or backend")
         view = np.frombuffer(ffi.buffer(p.data, plain[2]), dtype=plain[0]).reshape(plain[1])
         view.flags.writeable = False
         return view

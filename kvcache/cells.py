@@ -200,8 +200,7 @@ class CellTable:
         pos, seq = batch_arrays(positions, seqs, np.int32)
         if pos.size == 0:
             raise ValueError("empty batch")
-        if bounds(pos)[0] < 0:
-            raise ValueError("positions must be >= 0")
+        _check_positions(pos)
         cells = self._ordered(pos, seq)
         if cells is None:
             return None
@@ -319,8 +318,7 @@ class CellTable:
         lo, hi = bounds(idx)
         if lo < 0 or hi >= self._capacity:
             raise ValueError(f"cell indices outside [0, {self._capacity})")
-        if bounds(pos)[0] < 0:
-            raise ValueError("positions must be >= 0")
+        _check_positions(pos)
         self._check_seqs(seq)
         busy = idx[self._pos[idx] >= 0]
         if busy.size:
@@ -549,7 +547,8 @@ class CellTable:
         self._member[rows] &= ~drop
         freed = self._release_orphans(touched)
         self._version += 1
-        self._summary_after_eviction(rows.tolist(), drop, freed)
+        if self._summary is not None and not self._summary.evicted(rows.tolist(), drop, freed):
+            self._summary = None
         return freed
 
     # ------------------------------------------------------------------ helpers
@@ -563,22 +562,6 @@ class CellTable:
         """A change the summary does not follow: it is rebuilt when next asked."""
         self._version += 1
         self._summary = None
-
-    def _summary_after_eviction(self, rows: list[int], drop: NDArray[np.bool_], freed: NDArray[np.int32]) -> None:
-        """Follow an eviction in the summary: cheap unless it took a sequence's last cell or the extent's cell
-        (a window drops a sequence's oldest cells, so normally neither)."""
-        summary = self._summary
-        if summary is None:
-            return
-        if freed.size and int(freed[-1]) + 1 >= summary.extent:
-            self._summary = None
-            return
-        for i, s in enumerate(rows):
-            last = summary.last[s]
-            if last >= 0 and drop[i, last]:
-                self._summary = None
-                return
-        summary.n_used -= int(freed.size)
 
     def _release_orphans(self, idx: NDArray[np.intp]) -> NDArray[np.int32]:
         """Mark cells among ``idx`` that no sequence holds as empty; return them."""
@@ -600,3 +583,9 @@ class CellTable:
     def _check_count(n: int) -> None:
         if n < 1:
             raise ValueError(f"number of cells must be >= 1, got {n}")
+
+
+def _check_positions(pos: NDArray[np.int32]) -> None:
+    """Raise ValueError for a negative token position (a non-empty batch)."""
+    if bounds(pos)[0] < 0:
+        raise ValueError("positions must be >= 0")

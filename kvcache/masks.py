@@ -99,6 +99,12 @@ def row_bounds(
         ``lo, hi``: int32[n_tokens] each; a cell at position ``q`` passes the
         position tests of row ``t`` iff ``lo[t] <= q <= hi[t]``.
     """
+    if (isinstance(causal, bool) and causal and chunk is None and spans is None and window is not None
+            and 0 <= window <= _I32_MAX):
+        # A causal sliding window alone (every decode step of gemma's local layers): two int32 operations;
+        # p - window >= -window >= -int32 max, so nothing overflows
+        p32 = positions.astype(np.int32, copy=False)
+        return np.maximum(p32 - np.int32(window), np.int32(0)), p32
     p = positions.astype(np.int64)  # no int32 overflow in p - window etc.
     if isinstance(causal, bool):
         hi = p if causal else np.full_like(p, _I32_MAX)
@@ -172,11 +178,7 @@ def build_mask(
     no_upper = isinstance(causal, bool) and not causal and chunk is None
     if spans is not None and spans.shape != (n_tokens, 2):
         raise ValueError(f"spans {spans.shape} must be (n_tokens, 2) = ({n_tokens}, 2)")
-    if all_causal and chunk is None and spans is None and window is not None and 0 <= window <= _I32_MAX:
-        # Sliding-window decode (every step of gemma's local layers): the bounds in two int32 operations;
-        # p - window >= -window >= -int32 max, so nothing overflows
-        lo, hi = np.maximum(positions - np.int32(window), np.int32(0)), positions
-    elif window is not None or chunk is not None or not all_causal or spans is not None:
+    if window is not None or chunk is not None or not all_causal or spans is not None:
         lo, hi = row_bounds(positions, window=window, chunk=chunk, causal=causal, spans=spans)
     else:
         # Fast path (plain causal decode): the lower bound 0 is implied by

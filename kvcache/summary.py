@@ -40,6 +40,17 @@ class CellSummary:
             if c > last[s]:
                 last[s] = c
 
+    def evicted(self, rows: list[int], drop: NDArray[np.bool_], freed: NDArray[np.int32]) -> bool:
+        """Follow an eviction (`drop[i]`: the cells sequence rows[i] lost; `freed`: the cells that became empty,
+        ascending); False when it cannot be followed cheaply and the summary must be rebuilt: it took a sequence's
+        last cell or the extent's cell (a window drops a sequence's oldest cells, so normally neither)."""
+        if freed.size and int(freed[-1]) + 1 >= self.extent:
+            return False
+        if any(self.last[s] >= 0 and drop[i, self.last[s]] for i, s in enumerate(rows)):
+            return False
+        self.n_used -= int(freed.size)
+        return True
+
     def decode_cells(self, seqs: list[int], pos: NDArray[np.int32], capacity: int) -> list[int] | None:
         """A cell for each of `seqs` (distinct sequences, one token each): in ascending sequence order, each takes the
         lowest free cell above the last one it holds that no earlier sequence of the batch took (CellTable's
