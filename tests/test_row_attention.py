@@ -19,12 +19,12 @@ from ggml import Runtime, RuntimeOptions, load_backend
 from ggml._lib import lib
 from ggml.context import GgmlContext
 from ggml.tensor import GgmlTensor, _row_attention_usable
-from ml.batch import Batch
 from ml.dtype import DType
 from models import load_model
 from runner.cli import Loaded
 from runner.flags import parse_args
-from runner.forward import ForwardRunner
+from test_graph_reuse import _batch
+from test_models_tiny import model_logits
 
 pytestmark = pytest.mark.skipif(not lib.pyrunner_row_attention_supported(),
                                 reason="the kernel needs AVX2, FMA and F16C")
@@ -141,28 +141,19 @@ def test_takes_f16_caches_only(runtimes: dict[tuple[int, bool], Runtime]) -> Non
         ctx.close()
 
 
-def _model_logits(path: Path, row_attention: bool, parts: list[tuple[list[int], int]]) -> list[F]:
-    """Each (prompt, sequence) of `parts` in one batch through a small llama; the last row's logits of each."""
+def _model_logits(path: Path, row_attention: bool, parts: list[tuple[list[int], int]]) -> list[npt.NDArray[Any]]:
+    """Each (prompt, sequence) of `parts` from position 0, in one batch through the model at `path`; each prompt's
+    last-row logits."""
     backend = load_backend(path, RuntimeOptions(threads=1, row_attention=row_attention))
     try:
         model = load_model(backend)
         cache = model.new_cache(flash=True)
         cache.init(backend, DType.F16, 2, 128, 64)
-        toks, pos, seqs, outs = [], [], [], []
-        for prompt, seq in parts:
-            toks += prompt
-            pos += list(range(len(prompt)))
-            seqs += [seq] * len(prompt)
-            outs.append(len(toks) - 1)
-        batch = Batch(np.array(toks, np.int32), np.array(pos, np.int32), np.array(seqs, np.int32),
-                      np.array(outs, np.int32))
-        runner = ForwardRunner(backend, model, cache)
         try:
-            logits = runner.logits(batch)
+            logits = model_logits(backend, model, _batch([(prompt, 0, seq) for prompt, seq in parts]), cache)
         finally:
-            runner.close()
             cache.close()
-        return [logits[i] for i in range(len(parts))]
+        return list(logits)
     finally:
         backend.close()
 

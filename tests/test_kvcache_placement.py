@@ -1,0 +1,113 @@
+"""Cell placement on a decode step: CellTable's summary (used cells, extent, each sequence's last cell), kept up to
+date by store and eviction instead of recomputed, gives the cells the general per-sequence placement gives; and
+`place` is ordered_free_cells then store."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvcache.cells import CellTable
+from kvcache.summary import CellSummary
+
+
+def test_ordered_free_cells_decode_path_matches_the_general_one() -> None:
+    """A decode step (one token per sequence) takes the summary's path; it must pick the cells the per-sequence
+    loop picks, on random tables (shared cells, holes, full ones)."""
+    g = np.random.default_rng(11)
+    compared = 0
+    for _ in range(400):
+        cap, n_seq = int(g.integers(2, 40)), int(g.integers(1, 6))
+        t = CellTable(cap, n_seq)
+        for c in g.choice(cap, size=int(g.integers(0, cap + 1)), replace=False):
+            t.store([int(c)], [int(g.integers(0, 50))], [int(g.integers(0, n_seq))])
+        if n_seq > 1 and g.random() < 0.3:
+            t.copy_prefix(0, 1, 25)  # cells held by two sequences
+        k = int(g.integers(1, n_seq + 1))
+        seqs = g.permutation(n_seq)[:k].astype(np.intp)
+        pos = g.integers(0, 100, k).astype(np.int32)
+        free = np.asarray(t.positions) < 0
+        if int(free.sum()) < k:
+            continue
+        fast = t.ordered_free_cells(pos, seqs)
+        slow = t._cells_by_sequence(pos, seqs, free.copy())
+        assert (fast is None) == (slow is None)
+        if fast is not None and slow is not None:
+            assert fast.tolist() == slow.tolist()
+            compared += 1
+    assert compared > 200
+
+
+def test_summary_follows_every_mutation() -> None:
+    """The decode path's summary (used count, extent, each sequence's last cell) is updated by store and eviction
+    and dropped by everything else: after any random mix of edits it equals one computed from the arrays, and the
+    decode placement equals the general one."""
+    g = np.random.default_rng(5)
+    checked = 0
+    for _ in range(60):
+        cap, n_seq = int(g.integers(8, 48)), int(g.integers(1, 5))
+        t = CellTable(cap, n_seq)
+        nxt = [0] * n_seq
+        for _ in range(40):
+            op = g.random()
+            seqs = g.permutation(n_seq)[:int(g.integers(1, n_seq + 1))]
+            pos = np.array([nxt[s] for s in seqs], dtype=np.int32)
+            if op < 0.5:  # a decode step, or a short prompt of one sequence
+                if g.random() < 0.3:
+                    s = int(seqs[0])
+                    pos = np.arange(nxt[s], nxt[s] + int(g.integers(1, 6)), dtype=np.int32)
+                    seqs = np.full(pos.size, s)
+                if t.n_free < pos.size:
+                    continue
+                cells = t.ordered_free_cells(pos, seqs)
+                if cells is None:
+                    t.apply_moves(t.defrag_plan())
+                    cells = t.ordered_free_cells(pos, seqs)
+                assert cells is not None
+                t.store(cells, pos, seqs)
+                for s, p in zip(seqs.tolist(), pos.tolist()):
+                    nxt[s] = max(nxt[s], p + 1)
+            elif op < 0.65:
+                t.evict_outside_window(pos, seqs, int(g.integers(0, 6)))
+            elif op < 0.75:
+                s = int(seqs[0])
+                t.remove(s, int(g.integers(0, nxt[s] + 1)))
+                nxt[s] = t.max_pos(s) + 1
+            elif op < 0.85 and n_seq > 1:
+                t.copy_prefix(int(seqs[0]), int(seqs[-1]), int(g.integers(0, 20)))
+                nxt[int(seqs[-1])] = t.max_pos(int(seqs[-1])) + 1
+            elif op < 0.95:
+                t.apply_moves(t.defrag_plan())
+            else:
+                t.free(g.choice(cap, size=3, replace=False))
+                nxt = [t.max_pos(s) + 1 for s in range(n_seq)]
+            assert t._summarized() == CellSummary.of(np.asarray(t.positions), np.asarray(t.sequences).T)
+            pos = np.array([nxt[s] for s in seqs], dtype=np.int32)
+            if len(set(seqs.tolist())) == seqs.size and t.n_free >= seqs.size:
+                fast = t.ordered_free_cells(pos, seqs)
+                slow = t._cells_by_sequence(pos, seqs.astype(np.intp), np.asarray(t.positions) < 0)
+                assert (None if fast is None else fast.tolist()) == (None if slow is None else slow.tolist())
+                checked += 1
+    assert checked > 1000
+
+
+def test_place_is_ordered_free_cells_then_store() -> None:
+    """`place` takes the cells ordered_free_cells picks and stores them; when the placement would leave
+    `max_holes` empty cells below the extent, or finds no room above a sequence's last cell, it stores nothing."""
+    t, u = CellTable(16, 2), CellTable(16, 2)
+    for table in (t, u):
+        table.store([0, 1, 2, 5], [0, 1, 2, 0], [0, 0, 0, 1])  # holes at 3 and 4
+    pos, seqs = np.array([3, 1], np.int32), np.array([0, 1], np.int32)
+    expected = u.ordered_free_cells(pos, seqs)
+    assert expected is not None and expected.tolist() == [3, 6]
+    u.store(expected, pos, seqs)
+    version = t.version
+    assert t.place(pos, seqs, max_holes=1) is None  # cell 4 would stay empty below the extent 7
+    assert t.version == version and t.n_used == 4
+    placed = t.place(pos, seqs, max_holes=2)
+    assert placed is not None and placed.tolist() == [3, 6]
+    assert np.array_equal(t.positions, u.positions) and np.array_equal(t.sequences, u.sequences)
+    full = CellTable(4, 1)
+    full.store([0, 3], [0, 1], [0, 0])
+    assert full.place([2], [0]) is None and full.n_used == 2  # nothing free above cell 3
+    with pytest.raises(ValueError):
+        t.place([-1], [0])
