@@ -15,6 +15,7 @@ from typing import Any
 MODULE_NAME = "ggml._ggml_api"
 ROW_MATMUL_C = Path(__file__).resolve().parent / "row_matmul.c"
 ROW_ATTENTION_C = Path(__file__).resolve().parent / "row_attention.c"
+HOST_MASK_C = Path(__file__).resolve().parent / "host_mask.c"
 
 CDEF_GGML_H = """
 // ---- ggml.h ----
@@ -268,6 +269,13 @@ struct ggml_tensor * pyrunner_row_attention(struct ggml_context * ctx, struct gg
                                             float softcap);
 """
 
+CDEF_HOST_MASK = """
+// ---- ggml/host_mask.c: the KV cache's attention mask, filled on the host ----
+void pyrunner_attention_mask(const int32_t * cell_pos, const bool * member, int64_t capacity, int64_t start,
+                             int64_t n_kv, const int64_t * rows, const int32_t * lo, const int32_t * hi,
+                             int64_t n_tokens, int64_t n_rows, int f16, void * out);
+"""
+
 CDEF_TIME_BOX = """
 // ---- a time box for one CPU graph compute (the thread governor's trials) ----
 void pyrunner_cpu_time_box(ggml_backend_t backend_cpu, double * deadline, double seconds);
@@ -276,7 +284,7 @@ void pyrunner_graph_forget_allocation(struct ggml_cgraph * graph);
 """
 
 CDEF = (CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC + CDEF_ROW_MATMUL + CDEF_ROW_ATTENTION
-        + CDEF_TIME_BOX)
+        + CDEF_HOST_MASK + CDEF_TIME_BOX)
 
 C_SOURCE = """
 #include "ggml.h"
@@ -436,7 +444,8 @@ def make_builder() -> Any:
 
     ffibuilder = cffi.FFI()
     ffibuilder.cdef(CDEF)
-    ffibuilder.set_source(MODULE_NAME, C_SOURCE + ROW_MATMUL_C.read_text() + ROW_ATTENTION_C.read_text())
+    ffibuilder.set_source(MODULE_NAME, C_SOURCE + ROW_MATMUL_C.read_text() + ROW_ATTENTION_C.read_text()
+                           + HOST_MASK_C.read_text())
     return ffibuilder
 
 

@@ -137,11 +137,12 @@ class GgmlTensor:
             self._plain = (arr.dtype, tuple(reversed(self.shape)), raw.nbytes)
         return arr.reshape(tuple(reversed(self.shape)))
 
-    def host_view(self) -> npt.NDArray[Any]:
+    def host_view(self, *, writable: bool = False) -> npt.NDArray[Any]:
         """The values as a read-only numpy view of the tensor's own memory, no copy: valid until that memory is
         written again (the next compute of its graph). For a plain (not quantized, not BF16) tensor in host memory;
         a reused graph's logits are 1 MB per row for a 262k vocabulary, and copying them out cost more per decode
-        step than everything else the step does in Python."""
+        step than everything else the step does in Python. `writable`: a view to write through, for an allocated
+        graph's input (what `ggml_backend_tensor_set` would copy there, without a call into C)."""
         if self._plain is None:
             self._read()  # checks everything once, and raises for what cannot be viewed either
         elif getattr(self._owner, "closed", False):  # before touching the C tensor, freed with its owner
@@ -151,7 +152,7 @@ class GgmlTensor:
         if plain is None or not in_host_memory(p):
             raise GgmlError(f"tensor {self.name!r} cannot be viewed in place (not plain host memory)")
         view = np.frombuffer(ffi.buffer(p.data, plain[2]), dtype=plain[0]).reshape(plain[1])
-        view.flags.writeable = False
+        view.flags.writeable = writable
         return view
 
     def _squeeze(self) -> list[Any]:

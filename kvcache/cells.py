@@ -70,8 +70,8 @@ from kvcache.masks import (
     KV_PAD_DEFAULT,
     ROW_PAD_DEFAULT,
     MaskDType,
-    build_mask,
     round_up,
+    table_mask,
 )
 from kvcache.plans import DefragPlan, ShiftPlan
 from kvcache.summary import CellSummary
@@ -410,9 +410,11 @@ class CellTable:
         start, stop = self.kv_range(kv_pad) if kv_range is None else kv_range
         if not 0 <= start <= stop <= self._capacity:
             raise ValueError(f"kv_range {(start, stop)} outside [0, {self._capacity}]")
-        return build_mask(
-            self._pos[start:stop],
-            self._member[seq, start:stop],  # fancy index -> fresh (n_tokens, n_kv)
+        return table_mask(
+            self._pos,
+            self._member,
+            (start, stop),
+            seq,
             pos,
             window=window,
             chunk=chunk,

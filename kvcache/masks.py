@@ -41,9 +41,10 @@ Token ``t`` (position ``p``, sequence ``s``) sees cell ``c`` (position
   attention).  For causal rows this equals Ollama's "``q`` at or after the
   start of ``p``'s chunk"; for non-causal rows it also hides later chunks.
 
-Every condition is an interval on ``q`` per row, so the whole mask is two
-broadcast comparisons against per-row bounds ``lo <= q <= hi`` plus the
-membership matrix -- no per-cell Python work.
+Every condition is an interval on ``q`` per row, so the whole mask is the
+membership of the cell in the row's sequence and two comparisons against
+per-row bounds ``lo <= q <= hi``: one pass of a C loop
+(``ggml/host_mask.c``), which reads the cell table's arrays in place.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
+
+from ggml.host import attention_mask
 
 KV_PAD_DEFAULT = 256
 """Default multiple for the mask's KV width (CUDA ``FATTN_KQ_STRIDE``)."""
@@ -61,10 +64,6 @@ ROW_PAD_DEFAULT = 1
 _I32_MAX = np.iinfo(np.int32).max
 
 MaskDType = type[np.float32] | type[np.float16]
-
-# The bit patterns of -inf, the value of a hidden mask entry (a visible one is +0.0, all bits clear).
-_NEG_INF_F32 = np.array(-np.inf, dtype=np.float32).view(np.uint32)[()]
-_NEG_INF_F16 = np.array(-np.inf, dtype=np.float16).view(np.uint16)[()]
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -146,9 +145,7 @@ def build_mask(
         cell_positions: int32[n_kv] positions of the cells in the range
             (-1 for empty cells).
         member: bool[n_tokens, n_kv]; ``member[t, c]`` is True iff cell
-            ``c`` holds token ``t``'s sequence.  It is overwritten (used as
-            the scratch buffer), so pass a fresh array -- a fancy-indexed
-            slice of the membership table is one already.
+            ``c`` holds token ``t``'s sequence (read, not changed).
         positions: int32[n_tokens] token positions.
         window, chunk, causal, spans: see :func:`row_bounds`.
         n_rows: total rows (``>= n_tokens``); rows past ``n_tokens`` are
@@ -165,36 +162,68 @@ def build_mask(
             f"shape mismatch: member {member.shape}, cell_positions "
             f"{cell_positions.shape}, positions {positions.shape}"
         )
+    rows = _check_rows(n_tokens, n_rows, causal, spans, dtype)
+    lo, hi = _bounds(positions, window=window, chunk=chunk, causal=causal, spans=spans)
+    return attention_mask(np.ascontiguousarray(cell_positions, dtype=np.int32), np.ascontiguousarray(member), 0, n_kv,
+                          np.arange(n_tokens, dtype=np.intp), lo, hi, rows, dtype)
+
+
+def table_mask(
+    cell_positions: NDArray[np.int32],
+    member: NDArray[np.bool_],
+    kv_range: tuple[int, int],
+    seqs: NDArray[np.intp],
+    positions: NDArray[np.int32],
+    *,
+    window: int | None = None,
+    chunk: int | None = None,
+    causal: bool | NDArray[np.bool_] = True,
+    spans: NDArray[np.int32] | None = None,
+    n_rows: int | None = None,
+    dtype: MaskDType = np.float32,
+) -> NDArray[np.floating[Any]]:
+    """:func:`build_mask` for a batch over the cells ``[start, stop)`` of a whole cell table, read in place:
+    ``cell_positions`` int32[capacity] and ``member`` bool[n_sequences, capacity] are the table's arrays, token
+    ``t`` belongs to sequence ``seqs[t]``. The same mask as ``build_mask(cell_positions[start:stop],
+    member[seqs, start:stop], positions, ...)`` without gathering the membership rows first."""
+    n_tokens = positions.shape[0]
+    start, stop = kv_range
+    if seqs.shape != (n_tokens,):
+        raise ValueError(f"shape mismatch: seqs {seqs.shape}, positions {positions.shape}")
+    rows = _check_rows(n_tokens, n_rows, causal, spans, dtype)
+    lo, hi = _bounds(positions, window=window, chunk=chunk, causal=causal, spans=spans)
+    return attention_mask(cell_positions, member, start, stop - start, seqs, lo, hi, rows, dtype)
+
+
+def _check_rows(n_tokens: int, n_rows: int | None, causal: bool | NDArray[np.bool_],
+                spans: NDArray[np.int32] | None, dtype: MaskDType) -> int:
+    """The mask's row count, after checking the per-token arguments against ``n_tokens``."""
     if dtype is not np.float32 and dtype is not np.float16:
         raise ValueError(f"mask dtype must be np.float32 or np.float16, got {dtype}")
     if isinstance(causal, np.ndarray) and causal.shape != (n_tokens,):
         raise ValueError(f"causal {causal.shape} must be a bool per token ({n_tokens})")
+    if spans is not None and spans.shape != (n_tokens, 2):
+        raise ValueError(f"spans {spans.shape} must be (n_tokens, 2) = ({n_tokens}, 2)")
     rows = n_tokens if n_rows is None else n_rows
     if rows < n_tokens:
         raise ValueError(f"n_rows={rows} < n_tokens={n_tokens}")
+    return rows
 
-    visible = member
-    all_causal = isinstance(causal, bool) and causal
+
+def _bounds(
+    positions: NDArray[np.int32],
+    *,
+    window: int | None,
+    chunk: int | None,
+    causal: bool | NDArray[np.bool_],
+    spans: NDArray[np.int32] | None,
+) -> tuple[NDArray[np.int32] | None, NDArray[np.int32] | None]:
+    """The per-row bounds the mask needs, None where a bound is implied: no lower bound without a window, chunk
+    or span (empty cells hold no sequence, so membership already excludes them), no upper one for non-causal
+    rows without a chunk."""
+    if isinstance(causal, bool) and causal and window is None and chunk is None and spans is None:
+        return None, np.ascontiguousarray(positions, dtype=np.int32)  # plain causal decode: only q <= p
+    lo, hi = row_bounds(positions, window=window, chunk=chunk, causal=causal, spans=spans)
     no_upper = isinstance(causal, bool) and not causal and chunk is None
-    if spans is not None and spans.shape != (n_tokens, 2):
-        raise ValueError(f"spans {spans.shape} must be (n_tokens, 2) = ({n_tokens}, 2)")
-    if window is not None or chunk is not None or not all_causal or spans is not None:
-        lo, hi = row_bounds(positions, window=window, chunk=chunk, causal=causal, spans=spans)
-    else:
-        # Fast path (plain causal decode): the lower bound 0 is implied by
-        # membership (empty cells hold no sequence), so only ``q <= p``.
-        lo, hi = positions, positions
-    q = cell_positions[np.newaxis, :]
-    if not no_upper:
-        visible &= q <= hi[:, np.newaxis]
-    if window is not None or chunk is not None or spans is not None:
-        visible &= q >= lo[:, np.newaxis]
-    # Write IEEE bit patterns: hidden * bits(-inf) is bits(-inf) or bits(+0.0).
-    # An integer multiply is ~10x faster than np.where on floats here.
-    neg_inf_bits = _NEG_INF_F32 if dtype is np.float32 else _NEG_INF_F16
-    out = np.empty((rows, n_kv), dtype=dtype)
-    out_bits = out.view(neg_inf_bits.dtype)
-    np.multiply(np.logical_not(visible, out=visible), neg_inf_bits, out=out_bits[:n_tokens], casting="unsafe")
-    if rows > n_tokens:
-        out_bits[n_tokens:] = neg_inf_bits
-    return out
+    no_lower = window is None and chunk is None and spans is None
+    return None if no_lower else lo, None if no_upper else hi

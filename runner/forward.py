@@ -29,12 +29,28 @@ _BATCH_FIELDS = ("tokens", "positions", "seqs", "outputs")
 
 
 @dataclass
+class _Input:
+    """An input tensor of a kept graph, and where the backend allows it a writable view of its memory: a step's
+    new contents are then a numpy copy instead of a call into C per input (each refresh sets six of them)."""
+
+    tensor: Tensor
+    view: npt.NDArray[Any] | None  # 1-D
+
+    def write(self, ctx: Any, array: npt.NDArray[Any]) -> None:
+        v = self.view  # flat: a mask's [n_kv, 1] tensor is (n_kv,) to ggml's shape and (1, n_kv) in numpy
+        if v is not None and array.size == v.size and array.dtype == v.dtype:
+            v[...] = array.reshape(-1)
+        else:
+            ctx.set(self.tensor, array)  # converts, or says why it cannot
+
+
+@dataclass
 class _Kept:
     key: tuple[Any, ...]
     ctx: Any  # a GgmlContext
     out: Tensor
-    batch_inputs: list[tuple[Tensor, str]]  # tensor, Batch field
-    cache_inputs: list[tuple[Tensor, int]]  # tensor, index into ForwardInputs.arrays
+    batch_inputs: list[tuple[_Input, str]]  # input, Batch field
+    cache_inputs: list[tuple[_Input, int]]  # input, index into ForwardInputs.arrays
     view: Callable[[], npt.NDArray[Any]] | None  # the output read in place, where it is in host memory
 
 
@@ -49,10 +65,10 @@ class _Refresh:
     def from_numpy(self, array: npt.NDArray[Any], dtype: Any = None) -> Tensor:
         slot = self._slots[id(array)]
         found: Tensor | None = None
-        for t, i in self._kept.cache_inputs:
+        for inp, i in self._kept.cache_inputs:
             if i == slot:
-                self._kept.ctx.set(t, array)
-                found = t
+                inp.write(self._kept.ctx, array)
+                found = inp.tensor
         if found is None:
             raise RuntimeError("the kept graph has no input for this cache array")
         return found
@@ -85,8 +101,8 @@ class ForwardRunner:
             assert inputs is not None
             try:
                 self.cache.start_forward(_Refresh(kept, inputs.arrays), batch)  # takes the placement, sets inputs
-                for t, name in kept.batch_inputs:
-                    kept.ctx.set(t, getattr(batch, name))
+                for inp, name in kept.batch_inputs:
+                    inp.write(kept.ctx, getattr(batch, name))
                 view = None if copy else kept.view
                 if not (kept.ctx.recompute() if view is not None else kept.ctx.recompute(kept.out)):
                     raise RuntimeError("the kept graph lost its allocation")  # `allocated` said otherwise
@@ -126,13 +142,13 @@ class ForwardRunner:
             return None
         fields = {id(getattr(batch, f)): f for f in _BATCH_FIELDS}
         slots = {id(a): i for i, a in enumerate(inputs.arrays)}
-        batch_inputs: list[tuple[Tensor, str]] = []
-        cache_inputs: list[tuple[Tensor, int]] = []
+        batch_inputs: list[tuple[_Input, str]] = []
+        cache_inputs: list[tuple[_Input, int]] = []
         for t, src in recorded:
             if id(src) in fields:
-                batch_inputs.append((t, fields[id(src)]))
+                batch_inputs.append((_Input(t, _writable_view(t)), fields[id(src)]))
             elif id(src) in slots:
-                cache_inputs.append((t, slots[id(src)]))
+                cache_inputs.append((_Input(t, _writable_view(t)), slots[id(src)]))
             else:
                 return None
         return _Kept(key, ctx, out, batch_inputs, cache_inputs, _in_place_view(out))
@@ -157,3 +173,14 @@ def _in_place_view(out: Tensor) -> Callable[[], npt.NDArray[Any]] | None:
     except Exception:  # GgmlError: not plain host memory
         return None
     return view
+
+
+def _writable_view(t: Tensor) -> npt.NDArray[Any] | None:
+    """A writable view of input `t`'s memory where it is plain host memory, else None (set through the backend)."""
+    view: Callable[..., npt.NDArray[Any]] | None = getattr(t, "host_view", None)
+    if view is None:
+        return None
+    try:
+        return view(writable=True).reshape(-1)
+    except Exception:  # GgmlError: not plain host memory
+        return None

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from ggml.host import attention_mask
 from kvcache.cells import CellTable
 from kvcache.errors import CacheFullError, KVCacheError, NotSupportedError
 from kvcache.masks import build_mask, round_up
@@ -173,8 +174,11 @@ def test_kv_range_for_sequences_and_offset_columns() -> None:
 
 
 def test_mask_matches_reference_rule_on_random_states() -> None:
+    """Every visibility rule and mixture of them (per-row or uniform causality, window, chunk, image spans), over
+    random tables, cell ranges and both mask types, against the rule written out cell by cell; the table's mask
+    (read in place) and build_mask over the gathered rows agree."""
     rng = np.random.default_rng(1234)
-    for _ in range(50):
+    for _ in range(200):
         cap, ns = 64, 3
         t = CellTable(cap, ns)
         n = int(rng.integers(1, cap))
@@ -185,21 +189,60 @@ def test_mask_matches_reference_rule_on_random_states() -> None:
         seq = rng.integers(0, ns, size=nt).astype(np.int32)
         window = None if rng.random() < 0.5 else int(rng.integers(0, 10))
         chunk = None if rng.random() < 0.5 else int(rng.integers(1, 8))
-        causal = rng.random(nt) < 0.7
-        got = t.mask(pos, seq, kv_range=(0, cap), window=window, chunk=chunk, causal=causal, row_pad=8)
-        want = np.full((8, cap), NEG, dtype=np.float32)
+        kind = rng.integers(0, 3)
+        causal: bool | np.ndarray = bool(kind) if kind < 2 else rng.random(nt) < 0.7
+        spans = None
+        if rng.random() < 0.3:
+            first = pos - rng.integers(0, 4, size=nt)
+            spans = np.stack([first, pos + rng.integers(0, 4, size=nt)], axis=1).astype(np.int32)
+        start = int(rng.integers(0, cap))
+        stop = int(rng.integers(start, cap + 1))
+        dtype = np.float16 if rng.random() < 0.5 else np.float32
+        got = t.mask(pos, seq, kv_range=(start, stop), window=window, chunk=chunk, causal=causal, spans=spans,
+                     row_pad=8, dtype=dtype)
+        want = np.full((8, stop - start), NEG, dtype=dtype)
         cp, member = t.positions, t.sequences
         for i in range(nt):
             p = int(pos[i])
-            for c in range(cap):
+            row_causal = causal if isinstance(causal, bool) else bool(causal[i])
+            for c in range(start, stop):
                 q = int(cp[c])
-                ok = bool(member[c, seq[i]])
-                ok &= not causal[i] or q <= p
-                ok &= window is None or p - q <= window
-                ok &= chunk is None or q // chunk == p // chunk
-                if ok:
-                    want[i, c] = 0
-        np.testing.assert_array_equal(got, want)
+                in_span = spans is not None and spans[i, 0] <= q <= spans[i, 1]
+                ok = (not row_causal or q <= p) and (window is None or p - q <= window)
+                ok = (ok or in_span) and (chunk is None or q // chunk == p // chunk)
+                if bool(member[c, seq[i]]) and ok:
+                    want[i, c - start] = 0
+        assert got.dtype == dtype and got.flags.c_contiguous
+        np.testing.assert_array_equal(got.view(np.uint16 if dtype is np.float16 else np.uint32),
+                                      want.view(np.uint16 if dtype is np.float16 else np.uint32))  # +0, not -0
+        gathered = build_mask(cp[start:stop], member[start:stop, seq].T, pos, window=window, chunk=chunk,
+                              causal=causal, spans=spans, n_rows=8, dtype=dtype)
+        np.testing.assert_array_equal(gathered, got)
+
+
+def test_mask_loop_checks_its_indices() -> None:
+    """The C loop behind the masks is handed only indices it can follow: anything else is a ValueError."""
+    cp = np.zeros(8, dtype=np.int32)
+    member = np.ones((2, 8), dtype=np.bool_)
+    rows = np.array([0, 1], dtype=np.intp)
+    hi = np.array([0, 0], dtype=np.int32)
+    assert attention_mask(cp, member, 2, 6, rows, None, hi, 3, np.float32).shape == (3, 6)
+    bad: list[tuple[object, ...]] = [
+        (cp, member, 3, 6, rows, None, hi, 2, np.float32),  # cells past the capacity
+        (cp, member, -1, 2, rows, None, hi, 2, np.float32),
+        (cp, member, 0, 8, np.array([0, 2], dtype=np.intp), None, hi, 2, np.float32),  # no sequence 2
+        (cp, member, 0, 8, np.array([-1, 0], dtype=np.intp), None, hi, 2, np.float32),
+        (cp, member, 0, 8, rows, None, hi, 1, np.float32),  # fewer rows than tokens
+        (cp, member, 0, 8, rows, None, hi[:1], 2, np.float32),  # a bound per token
+        (cp, member, 0, 8, rows, hi.astype(np.int64), None, 2, np.float32),
+        (cp.astype(np.int64), member, 0, 8, rows, None, hi, 2, np.float32),
+        (cp, member[:, :4], 0, 4, rows, None, hi, 2, np.float32),  # membership of another capacity
+        (cp, member[:, ::2].repeat(2, axis=1)[:, :8].T.copy().T, 0, 8, rows, None, hi, 2, np.float32),  # strided
+        (cp, member, 0, 8, rows, None, hi, 2, np.float64),
+    ]
+    for args in bad:
+        with pytest.raises(ValueError):
+            attention_mask(*args)  # type: ignore[arg-type]
 
 
 def test_build_mask_rejects_bad_arguments() -> None:
