@@ -15,7 +15,7 @@ from typing import Any
 MODULE_NAME = "ggml._ggml_api"
 ROW_MATMUL_C = Path(__file__).resolve().parent / "row_matmul.c"
 ROW_ATTENTION_C = Path(__file__).resolve().parent / "row_attention.c"
-HOST_MASK_C = Path(__file__).resolve().parent / "host_mask.c"
+HOST_CACHE_C = Path(__file__).resolve().parent / "host_cache.c"
 
 CDEF_GGML_H = """
 // ---- ggml.h ----
@@ -269,8 +269,10 @@ struct ggml_tensor * pyrunner_row_attention(struct ggml_context * ctx, struct gg
                                             float softcap);
 """
 
-CDEF_HOST_MASK = """
-// ---- ggml/host_mask.c: the KV cache's attention mask, filled on the host ----
+CDEF_HOST_CACHE = """
+// ---- ggml/host_cache.c: the KV cache's decode-step placement and attention mask, on the host ----
+int pyrunner_place_decode(int32_t * pos, bool * member, int64_t capacity, int64_t * summary, const int64_t * seqs,
+                          const int32_t * positions, int64_t n, int64_t max_holes, int64_t * cells);
 void pyrunner_attention_mask(const int32_t * cell_pos, const bool * member, int64_t capacity, int64_t start,
                              int64_t n_kv, const int64_t * rows, const int32_t * lo, const int32_t * hi,
                              int64_t n_tokens, int64_t n_rows, int f16, void * out);
@@ -284,7 +286,7 @@ void pyrunner_graph_forget_allocation(struct ggml_cgraph * graph);
 """
 
 CDEF = (CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC + CDEF_ROW_MATMUL + CDEF_ROW_ATTENTION
-        + CDEF_HOST_MASK + CDEF_TIME_BOX)
+        + CDEF_HOST_CACHE + CDEF_TIME_BOX)
 
 C_SOURCE = """
 #include "ggml.h"
@@ -445,7 +447,7 @@ def make_builder() -> Any:
     ffibuilder = cffi.FFI()
     ffibuilder.cdef(CDEF)
     ffibuilder.set_source(MODULE_NAME, C_SOURCE + ROW_MATMUL_C.read_text() + ROW_ATTENTION_C.read_text()
-                           + HOST_MASK_C.read_text())
+                           + HOST_CACHE_C.read_text())
     return ffibuilder
 
 

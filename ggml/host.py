@@ -1,4 +1,4 @@
-"""Host-side loops in C for the KV cache's per-step inputs (ggml/host_mask.c): no ggml graph, plain numpy in and out.
+"""Host-side loops in C for the KV cache's decode steps (ggml/host_cache.c): no ggml graph, plain numpy in and out.
 
 Every index the C code follows is checked here first, so a wrong argument raises ValueError instead of reading
 outside an array.
@@ -11,6 +11,41 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ggml._lib import ffi, lib
+
+PLACE_MAX = 64
+"""Tokens `place_decode` takes at most (PYR_PLACE_MAX)."""
+
+
+def place_decode(pos: NDArray[np.int32], member: NDArray[np.bool_], summary: NDArray[np.int64],
+                 seqs: NDArray[np.intp], positions: NDArray[np.int32], max_holes: int | None) -> NDArray[np.int64] | None:
+    """Ordered placement of one token per sequence (CellTable.place's decode step), stored in the table's arrays
+    `pos` int32[capacity] and `member` bool[n_sequences, capacity] and its summary int64[2 + n_sequences] (n_used,
+    extent, each sequence's last cell): the cells taken (int64, the set_rows indices), or None with nothing
+    changed when some sequence has no free cell above its last one or `max_holes` or more empty cells would stay
+    below the extent.
+
+    The caller checked positions >= 0 and that enough cells are free; sequences must be distinct."""
+    n = seqs.shape[0]
+    capacity = pos.shape[0]
+    if (pos.dtype != np.int32 or pos.ndim != 1 or member.dtype != np.bool_ or member.ndim != 2
+            or member.shape[1] != capacity or summary.dtype != np.int64 or summary.shape != (2 + member.shape[0],)
+            or seqs.dtype != np.intp or positions.dtype != np.int32 or positions.shape != (n,)
+            or not (pos.flags.c_contiguous and member.flags.c_contiguous and summary.flags.c_contiguous
+                    and seqs.flags.c_contiguous and positions.flags.c_contiguous and pos.flags.writeable
+                    and member.flags.writeable and summary.flags.writeable)):
+        raise ValueError("place_decode: bad arrays")
+    ids = seqs.tolist()
+    if not 1 <= n <= PLACE_MAX or min(ids) < 0 or max(ids) >= member.shape[0] or len(set(ids)) != n:
+        raise ValueError(f"place_decode: {n} tokens of sequences {ids}: 1 to {PLACE_MAX} distinct ones in "
+                         f"[0, {member.shape[0]})")
+    if max_holes is not None and max_holes <= 0:
+        return None  # every placement leaves at least 0 empty cells below the extent
+    cells = np.empty(n, dtype=np.int64)
+    ok = lib.pyrunner_place_decode(ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("bool[]", member), capacity,
+                                   ffi.from_buffer("int64_t[]", summary), ffi.from_buffer("int64_t[]", seqs),
+                                   ffi.from_buffer("int32_t[]", positions), n, -1 if max_holes is None else max_holes,
+                                   ffi.from_buffer("int64_t[]", cells))
+    return cells if ok else None
 
 
 def attention_mask(cell_pos: NDArray[np.int32], member: NDArray[np.bool_], start: int, n_kv: int,

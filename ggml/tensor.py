@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 from ggml import guards, row_matmul
 from ggml._lib import CData, check, ffi, in_host_memory, lib
-from ml.dtype import DType
+from ml.dtype import DType, dtype_of
 from ml.errors import GgmlError
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ def _ne(t: Tensor) -> guards.Ne:
 
 
 def _meta(t: Tensor | None) -> tuple[DType, guards.Ne] | None:
-    return None if t is None else (DType(_t(t).type), _ne(t))
+    return None if t is None else (dtype_of(_t(t).type), _ne(t))
 
 
 def _row_attention_usable(q: CData, k: CData, v: CData, mask: CData) -> bool:
@@ -83,7 +83,7 @@ class GgmlTensor:
 
     @property
     def dtype(self) -> DType:
-        return DType(self._ptr.type)
+        return dtype_of(self._ptr.type)
 
     @property
     def nbytes(self) -> int:

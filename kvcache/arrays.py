@@ -33,7 +33,8 @@ def batch_arrays(positions: ArrayLike, seqs: ArrayLike,
     seq = np.asarray(seqs, dtype=np.intp)
     if pos.ndim != 1 or seq.shape != pos.shape:
         raise ValueError(f"positions {pos.shape} and seqs {seq.shape} must be equal 1-D")
-    return pos, seq
+    # contiguous, as the C loops of a decode step read them (a strided view is copied)
+    return np.ascontiguousarray(pos), np.ascontiguousarray(seq)
 
 
 def readonly(a: NDArray[Any]) -> NDArray[Any]:

@@ -164,11 +164,10 @@ class CausalCache:
             self.defrag()
             placed = cells.place(batch.positions, batch.seqs)
             assert placed is not None
-        idx = placed.astype(np.int64)
         self._range = cells.kv_range(self.kv_pad)
         mask = cells.mask(batch.positions, batch.seqs, kv_range=self._range, window=self.window,
                           chunk=self.chunk, spans=batch.spans, dtype=self._mask_dtype())
-        return ForwardInputs(batch, (self._epoch, self._range), (idx, mask))
+        return ForwardInputs(batch, (self._epoch, self._range), (placed, mask))
 
     def remove(self, seq: int, begin: int, end: int | None = None) -> None:
         """Forget seq's positions [begin, end); with a finite end the later ones move down and their keys are

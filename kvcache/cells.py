@@ -1,4 +1,4 @@
-"""Backend-free bookkeeping of KV cache cells: who holds what, where.
+"""Bookkeeping of KV cache cells: who holds what, where (a decode step's loops run in C: ggml/host.py).
 
 Model
 -----
@@ -12,9 +12,8 @@ Invariant: a cell's position is ``-1`` exactly when no sequence holds it.
 A forward batch is two parallel arrays: token positions (int32[n_tokens])
 and sequence ids (int32[n_tokens]), one sequence per token.
 
-This module never touches tensors.  Operations that require work on K/V
-return a plan (:class:`~kvcache.plans.DefragPlan`,
-:class:`~kvcache.plans.ShiftPlan`) that the tensor layer replays.
+This module never touches tensors: work on K/V is returned as a plan
+(:class:`~kvcache.plans.DefragPlan`, :class:`~kvcache.plans.ShiftPlan`).
 
 Public API (:class:`CellTable`)
 -------------------------------
@@ -64,6 +63,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from ggml.host import PLACE_MAX, place_decode
 from kvcache.arrays import all_distinct, batch_arrays, bounds, readonly
 from kvcache.errors import CacheFullError, NotSupportedError
 from kvcache.masks import (
@@ -78,9 +78,6 @@ from kvcache.summary import CellSummary
 
 EMPTY = -1
 """Position of an empty cell."""
-
-
-_DECODE_FAST_MAX = 64  # batches up to this size with one token per sequence take ordered_free_cells' fast path
 
 
 class CellTable:
@@ -188,10 +185,11 @@ class CellTable:
         pos, seq = batch_arrays(positions, seqs, np.int32)
         return self._ordered(pos, seq)
 
-    def place(self, positions: ArrayLike, seqs: ArrayLike, max_holes: int | None = None) -> NDArray[np.int32] | None:
-        """:meth:`ordered_free_cells` and :meth:`store` in one call (one validation): the cells taken, or None,
-        storing nothing, when ordered placement finds no room or would leave ``max_holes`` or more empty cells
-        below the extent (a compaction then helps both).
+    def place(self, positions: ArrayLike, seqs: ArrayLike, max_holes: int | None = None) -> NDArray[np.int64] | None:
+        """:meth:`ordered_free_cells` and :meth:`store` in one call (one validation): the cells taken (int64, the
+        set_rows indices), or None, storing nothing, when ordered placement finds no room or would leave
+        ``max_holes`` or more empty cells below the extent (a compaction then helps both). A decode step (one token
+        per sequence) is placed by one C call (ggml/host.py), which updates the summary in place.
 
         Raises:
             CacheFullError: fewer than ``n`` cells are free at all.
@@ -201,20 +199,24 @@ class CellTable:
         if pos.size == 0:
             raise ValueError("empty batch")
         _check_positions(pos)
+        if pos.size <= PLACE_MAX and all_distinct(seq):
+            self._check_seqs(seq)
+            self._check_free(pos.size)
+            placed = place_decode(self._pos, self._member, self._summarized().values, seq, pos, max_holes)
+            self._version += placed is not None  # stored: a mutation
+            return placed
         cells = self._ordered(pos, seq)
         if cells is None:
             return None
         if max_holes is not None and max(self.extent, bounds(cells)[1] + 1) - self.n_used - cells.size >= max_holes:
             return None
         self._commit(cells, pos, seq)
-        return cells
+        return cells.astype(np.int64)
 
     def _ordered(self, pos: NDArray[np.int32], seq: NDArray[np.intp]) -> NDArray[np.int32] | None:
         self._check_seqs(seq)
-        n_free = self._capacity - self.n_used
-        if n_free < pos.size:
-            raise CacheFullError(f"need {pos.size} cells, only {n_free} of {self._capacity} free")
-        if pos.size <= _DECODE_FAST_MAX and all_distinct(seq):
+        self._check_free(pos.size)
+        if pos.size <= PLACE_MAX and all_distinct(seq):
             cells = self._summarized().decode_cells(seq.tolist(), self._pos, self._capacity)
             return None if cells is None else np.array(cells, dtype=np.int32)
         return self._cells_by_sequence(pos, seq, self._pos < 0)
@@ -331,7 +333,7 @@ class CellTable:
         self._pos[idx] = pos
         self._member[seq, idx] = True
         self._version += 1
-        if self._summary is not None and idx.size <= _DECODE_FAST_MAX:
+        if self._summary is not None and idx.size <= PLACE_MAX:
             self._summary.stored(idx.tolist(), seq.tolist())
         else:
             self._summary = None
@@ -580,6 +582,11 @@ class CellTable:
             lo, hi = bounds(seqs)
             if lo < 0 or hi >= self._max_sequences:
                 raise ValueError(f"sequence ids outside [0, {self._max_sequences})")
+
+    def _check_free(self, n: int) -> None:
+        n_free = self._capacity - self.n_used
+        if n_free < n:
+            raise CacheFullError(f"need {n} cells, only {n_free} of {self._capacity} free")
 
     @staticmethod
     def _check_count(n: int) -> None:

@@ -44,7 +44,7 @@ Token ``t`` (position ``p``, sequence ``s``) sees cell ``c`` (position
 Every condition is an interval on ``q`` per row, so the whole mask is the
 membership of the cell in the row's sequence and two comparisons against
 per-row bounds ``lo <= q <= hi``: one pass of a C loop
-(``ggml/host_mask.c``), which reads the cell table's arrays in place.
+(``ggml/host_cache.c``), which reads the cell table's arrays in place.
 """
 from __future__ import annotations
 

@@ -4,23 +4,46 @@ A decode step asks three things of the cell table: how many cells are used, wher
 extent, which sets the attended range), and, per sequence, the last cell it holds (its next token must go above
 it). Answering them from the arrays costs a dozen numpy passes over every cell, and on a decode step the interpreter
 runs with caches that the graph compute has just flushed: ~150 µs of a step's Python time. A `CellSummary` holds
-the answers as plain ints; `CellTable.store` and `evict_outside_window` (the per-step mutations) update it, every
+the answers in one small array; `CellTable.store` and `evict_outside_window` (the per-step mutations) update it, every
 other mutation drops it and the next query rebuilds it from the arrays (one pass).
 """
 from __future__ import annotations
 
 from bisect import bisect_left
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
 
-@dataclass
 class CellSummary:
-    n_used: int
-    extent: int  # 1 + the last used cell, 0 when none is
-    last: list[int]  # per sequence, the highest cell it holds; -1 when none
+    """n_used, extent and each sequence's last cell, in one int64 array (`values`: n_used, extent, then per
+    sequence its highest cell, -1 when none), which a decode step's placement in C (ggml/host.py) reads and
+    updates in place."""
+
+    __slots__ = ("values",)
+
+    def __init__(self, values: NDArray[np.int64]) -> None:
+        self.values = values
+
+    @property
+    def n_used(self) -> int:
+        return int(self.values[0])
+
+    @property
+    def extent(self) -> int:
+        """1 + the last used cell, 0 when none is."""
+        return int(self.values[1])
+
+    @property
+    def last(self) -> NDArray[np.int64]:
+        """Per sequence, the highest cell it holds; -1 when none (a view)."""
+        return self.values[2:]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CellSummary) and np.array_equal(self.values, other.values)
+
+    def __repr__(self) -> str:
+        return f"CellSummary(n_used={self.n_used}, extent={self.extent}, last={self.last.tolist()})"
 
     @staticmethod
     def of(pos: NDArray[np.int32], member: NDArray[np.bool_]) -> CellSummary:
@@ -28,17 +51,20 @@ class CellSummary:
         used = np.flatnonzero(pos >= 0)
         capacity = pos.size
         held = member.any(axis=1)
-        last = np.where(held, capacity - 1 - member[:, ::-1].argmax(axis=1), -1)
-        return CellSummary(int(used.size), int(used[-1]) + 1 if used.size else 0, last.tolist())
+        values = np.empty(2 + member.shape[0], dtype=np.int64)
+        values[0] = used.size
+        values[1] = int(used[-1]) + 1 if used.size else 0
+        values[2:] = np.where(held, capacity - 1 - member[:, ::-1].argmax(axis=1), -1)
+        return CellSummary(values)
 
     def stored(self, cells: list[int], seqs: list[int]) -> None:
         """Record cells that were empty and now hold seqs[i] each."""
-        self.n_used += len(cells)
-        self.extent = max(self.extent, max(cells) + 1)
-        last = self.last
+        v = self.values
+        v[0] += len(cells)
+        v[1] = max(int(v[1]), max(cells) + 1)
         for c, s in zip(cells, seqs):
-            if c > last[s]:
-                last[s] = c
+            if c > v[2 + s]:
+                v[2 + s] = c
 
     def evicted(self, rows: list[int], drop: NDArray[np.bool_], freed: NDArray[np.int32]) -> bool:
         """Follow an eviction (`drop[i]`: the cells sequence rows[i] lost; `freed`: the cells that became empty,
@@ -46,29 +72,32 @@ class CellSummary:
         last cell or the extent's cell (a window drops a sequence's oldest cells, so normally neither)."""
         if freed.size and int(freed[-1]) + 1 >= self.extent:
             return False
-        if any(self.last[s] >= 0 and drop[i, self.last[s]] for i, s in enumerate(rows)):
+        last = self.last.tolist()
+        if any(last[s] >= 0 and drop[i, last[s]] for i, s in enumerate(rows)):
             return False
-        self.n_used -= int(freed.size)
+        self.values[0] -= int(freed.size)
         return True
 
     def decode_cells(self, seqs: list[int], pos: NDArray[np.int32], capacity: int) -> list[int] | None:
         """A cell for each of `seqs` (distinct sequences, one token each): in ascending sequence order, each takes the
         lowest free cell above the last one it holds that no earlier sequence of the batch took (CellTable's
         ordered placement). None when some sequence finds no such cell. `pos` gives the holes below the extent."""
-        floors = {s: self.last[s] + 1 for s in seqs}
+        last = self.last.tolist()
+        extent = self.extent
+        floors = {s: last[s] + 1 for s in seqs}
         lowest = min(floors.values())
         # The free cells from `lowest` up: the holes below the extent, then every cell from the extent on.
         holes: list[int] = []
-        if self.n_used < self.extent and lowest < self.extent:
-            holes = (np.flatnonzero(pos[lowest:self.extent] < 0) + lowest).tolist()
+        if self.n_used < extent and lowest < extent:
+            holes = (np.flatnonzero(pos[lowest:extent] < 0) + lowest).tolist()
         n_holes = len(holes)
         taken: set[int] = set()
         out: dict[int, int] = {}
         for s in sorted(seqs):
-            i = bisect_left(holes, floors[s]) if floors[s] < self.extent else n_holes + floors[s] - self.extent
+            i = bisect_left(holes, floors[s]) if floors[s] < extent else n_holes + floors[s] - extent
             while i in taken:
                 i += 1
-            cell = holes[i] if i < n_holes else self.extent + i - n_holes
+            cell = holes[i] if i < n_holes else extent + i - n_holes
             if cell >= capacity:
                 return None
             taken.add(i)

@@ -36,6 +36,11 @@ class _Input:
     tensor: Tensor
     view: npt.NDArray[Any] | None  # 1-D
 
+    @staticmethod
+    def of(t: Tensor) -> _Input:
+        view = _host_view(t, writable=True)
+        return _Input(t, None if view is None else view.reshape(-1))
+
     def write(self, ctx: Any, array: npt.NDArray[Any]) -> None:
         v = self.view  # flat: a mask's [n_kv, 1] tensor is (n_kv,) to ggml's shape and (1, n_kv) in numpy
         if v is not None and array.size == v.size and array.dtype == v.dtype:
@@ -51,7 +56,7 @@ class _Kept:
     out: Tensor
     batch_inputs: list[tuple[_Input, str]]  # input, Batch field
     cache_inputs: list[tuple[_Input, int]]  # input, index into ForwardInputs.arrays
-    view: Callable[[], npt.NDArray[Any]] | None  # the output read in place, where it is in host memory
+    view: npt.NDArray[np.float32] | None  # the output [n_outputs, n_vocab] in place, where it is in host memory
 
 
 class _Refresh:
@@ -106,7 +111,7 @@ class ForwardRunner:
                 view = None if copy else kept.view
                 if not (kept.ctx.recompute() if view is not None else kept.ctx.recompute(kept.out)):
                     raise RuntimeError("the kept graph lost its allocation")  # `allocated` said otherwise
-                logits = self._read(kept.out) if view is None else np.asarray(view()).reshape(-1, self.n_vocab)
+                logits = self._read(kept.out) if view is None else view
             except BaseException:
                 self.drop()
                 raise
@@ -125,7 +130,7 @@ class ForwardRunner:
             ctx.close()
             raise
         self.n_built += 1
-        kept = self._bindings(ctx, out, batch, key, inputs) if key is not None else None
+        kept = self._bindings(ctx, out, batch, key, inputs, self.n_vocab) if key is not None else None
         if kept is None:
             ctx.close()
         self._kept = kept
@@ -135,7 +140,8 @@ class ForwardRunner:
         return np.asarray(out.numpy()).reshape(-1, self.n_vocab)
 
     @staticmethod
-    def _bindings(ctx: Context, out: Tensor, batch: Batch, key: tuple[Any, ...], inputs: Any) -> _Kept | None:
+    def _bindings(ctx: Context, out: Tensor, batch: Batch, key: tuple[Any, ...], inputs: Any,
+                  n_vocab: int) -> _Kept | None:
         """Where each input of the built graph comes from, or None when one of them is unknown (not kept)."""
         recorded = getattr(ctx, "inputs", None)
         if recorded is None or not callable(getattr(ctx, "recompute", None)):
@@ -146,12 +152,14 @@ class ForwardRunner:
         cache_inputs: list[tuple[_Input, int]] = []
         for t, src in recorded:
             if id(src) in fields:
-                batch_inputs.append((_Input(t, _writable_view(t)), fields[id(src)]))
+                batch_inputs.append((_Input.of(t), fields[id(src)]))
             elif id(src) in slots:
-                cache_inputs.append((_Input(t, _writable_view(t)), slots[id(src)]))
+                cache_inputs.append((_Input.of(t), slots[id(src)]))
             else:
                 return None
-        return _Kept(key, ctx, out, batch_inputs, cache_inputs, _in_place_view(out))
+        # The output's view is made once: an allocated kept graph keeps its memory (recompute checks that)
+        view = _host_view(out, writable=False)
+        return _Kept(key, ctx, out, batch_inputs, cache_inputs, None if view is None else view.reshape(-1, n_vocab))
 
     def drop(self) -> None:
         """Free the kept graph (before the cache's tensors go, or to save its memory)."""
@@ -163,24 +171,13 @@ class ForwardRunner:
         self.drop()
 
 
-def _in_place_view(out: Tensor) -> Callable[[], npt.NDArray[Any]] | None:
-    """`out`'s in-place reader when it has one and its memory is the host's (an output left on a GPU is copied)."""
-    view: Callable[[], npt.NDArray[Any]] | None = getattr(out, "host_view", None)
-    if view is None:
-        return None
-    try:
-        view()
-    except Exception:  # GgmlError: not plain host memory
-        return None
-    return view
-
-
-def _writable_view(t: Tensor) -> npt.NDArray[Any] | None:
-    """A writable view of input `t`'s memory where it is plain host memory, else None (set through the backend)."""
+def _host_view(t: Tensor, *, writable: bool) -> npt.NDArray[Any] | None:
+    """A view of `t`'s own memory where the tensor has one and it is plain host memory, else None (an output left
+    on a GPU is copied, an input there is set through the backend)."""
     view: Callable[..., npt.NDArray[Any]] | None = getattr(t, "host_view", None)
     if view is None:
         return None
     try:
-        return view(writable=True).reshape(-1)
+        return view(writable=writable)
     except Exception:  # GgmlError: not plain host memory
         return None

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ggml.host import place_decode
 from kvcache.cells import CellTable
+from kvcache.errors import CacheFullError
 from kvcache.summary import CellSummary
 
 
@@ -111,3 +113,70 @@ def test_place_is_ordered_free_cells_then_store() -> None:
     assert full.place([2], [0]) is None and full.n_used == 2  # nothing free above cell 3
     with pytest.raises(ValueError):
         t.place([-1], [0])
+
+
+def test_decode_placement_in_c_matches_the_general_placement() -> None:
+    """`place` of a decode step runs in C (ggml/host.py's place_decode); on random tables (holes, shared cells,
+    full tables, every max_holes) it takes the cells, stores the positions and membership, and leaves the summary
+    that the per-sequence placement plus `store` give, or refuses exactly when that placement does."""
+    g = np.random.default_rng(23)
+    placed_count = refused = 0
+    for _ in range(600):
+        cap, n_seq = int(g.integers(2, 40)), int(g.integers(1, 6))
+        t = CellTable(cap, n_seq)
+        for c in g.choice(cap, size=int(g.integers(0, cap + 1)), replace=False):
+            t.store([int(c)], [int(g.integers(0, 50))], [int(g.integers(0, n_seq))])
+        if n_seq > 1 and g.random() < 0.3:
+            t.copy_prefix(0, 1, 25)
+        k = int(g.integers(1, n_seq + 1))
+        seqs = g.permutation(n_seq)[:k].astype(np.int32)
+        pos = g.integers(0, 100, k).astype(np.int32)
+        if t.n_free < k:
+            with pytest.raises(CacheFullError):
+                t.place(pos, seqs)
+            continue
+        max_holes = None if g.random() < 0.4 else int(g.integers(-1, 6))
+        free = np.asarray(t.positions) < 0
+        want = t._cells_by_sequence(pos, seqs.astype(np.intp), free.copy())
+        if want is not None and max_holes is not None:
+            top = max(t.extent, int(want.max()) + 1)
+            if top - t.n_used - k >= max_holes:
+                want = None
+        before = (np.array(t.positions), np.array(t.sequences), t.version)
+        t._summarized()
+        got = t.place(pos, seqs, max_holes=max_holes)
+        if want is None:
+            assert got is None
+            assert np.array_equal(t.positions, before[0]) and np.array_equal(t.sequences, before[1])
+            assert t.version == before[2]
+            refused += 1
+            continue
+        assert got is not None and got.dtype == np.int64 and got.tolist() == want.tolist()
+        expect_pos, expect_member = before[0].copy(), before[1].copy()
+        expect_pos[want] = pos
+        expect_member[want, seqs] = True
+        assert np.array_equal(t.positions, expect_pos) and np.array_equal(t.sequences, expect_member)
+        assert t.version == before[2] + 1
+        assert t._summarized() == CellSummary.of(np.asarray(t.positions), np.asarray(t.sequences).T)
+        placed_count += 1
+    assert placed_count > 150 and refused > 100, (placed_count, refused)
+
+
+def test_decode_placement_checks_its_arguments() -> None:
+    """The C placement follows only indices it was checked to have: anything else is a ValueError, nothing
+    changed."""
+    t = CellTable(8, 2)
+    table = (t._pos, t._member, t._summarized().values)
+    one = np.array([0], dtype=np.int32)
+    for seqs, pos in ((np.array([2], dtype=np.intp), one), (np.array([-1], dtype=np.intp), one),
+                      (np.array([0, 0], dtype=np.intp), np.array([0, 1], dtype=np.int32)),
+                      (np.array([0], dtype=np.intp), np.array([0, 1], dtype=np.int32)),
+                      (np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.int32)),
+                      (np.arange(65, dtype=np.intp), np.zeros(65, dtype=np.int32))):
+        with pytest.raises(ValueError):
+            place_decode(*table, seqs, pos, None)
+    with pytest.raises(ValueError):
+        place_decode(t._pos, t._member, np.zeros(3, dtype=np.int64), np.array([0], dtype=np.intp), one, None)
+    with pytest.raises(ValueError):
+        place_decode(t._pos[::2], t._member[:, ::2], t._summarized().values, np.array([0], dtype=np.intp), one, None)
+    assert t.n_used == 0 and not t._member.any()

@@ -1,0 +1,90 @@
+/* Host-side loops of the KV cache's decode step (no ggml op: their results become a graph's input tensors):
+   the placement of one token per sequence in the cell table, and the additive attention mask.
+
+   Placement. Each sequence of the step, in ascending id order, takes the lowest free cell above the last cell it
+   holds that no earlier sequence of the step took (kvcache/cells.py: a sequence's cells stay in position order).
+   `summary` is the table's CellSummary array: n_used, extent, then each sequence's last cell (-1: none). The
+   result is the same as the Python placement (kvcache/summary.py), which the tests compare it with.
+
+   Mask. numpy needs a gather of the membership rows, two broadcast comparisons, a negation and a multiply, each a call
+   into numpy with its own allocation; on a decode step they run right after a graph compute has flushed the
+   interpreter's caches, and cost ~50 µs for a 256-cell row. This loop writes each entry once.
+
+   Entry [t, c] (cell start + c) is +0 when the cell holds sequence rows[t] (member[rows[t] * capacity + cell]) and
+   lo[t] <= cell_pos[cell] <= hi[t], else -inf; lo or hi NULL means no such bound. Rows n_tokens .. n_rows - 1 are
+   all -inf. `f16`: IEEE half bit patterns (flash attention's mask), else float. The caller checks every index
+   (kvcache/masks.py, through ggml/host.py). */
+#include <stdbool.h>
+#include <stdint.h>
+
+#define PYR_PLACE_MAX 64  /* tokens of one placement (kvcache/cells.py's _DECODE_FAST_MAX) */
+
+/* Returns 1 with cells[i] the cell of (seqs[i], positions[i]), stored in pos, member and summary; 0 with nothing
+   changed when some sequence finds no free cell above its last one, or when max_holes (>= 0) or more empty cells
+   would stay below the extent (a compaction helps both). The caller checked: 1 <= n <= PYR_PLACE_MAX, seqs
+   distinct and in [0, rows of member), at least n cells free. */
+int pyrunner_place_decode(int32_t * pos, bool * member, int64_t capacity, int64_t * summary, const int64_t * seqs,
+                          const int32_t * positions, int64_t n, int64_t max_holes, int64_t * cells) {
+    int64_t * last = summary + 2;
+    bool placed[PYR_PLACE_MAX] = { false };
+    int64_t top = summary[1];
+    for (int64_t k = 0; k < n; ++k) {
+        int64_t j = -1;  /* the lowest sequence id not placed yet */
+        for (int64_t i = 0; i < n; ++i) {
+            if (!placed[i] && (j < 0 || seqs[i] < seqs[j])) j = i;
+        }
+        int64_t c = last[seqs[j]] + 1;
+        for (;; ++c) {
+            if (c >= capacity) return 0;
+            if (pos[c] >= 0) continue;
+            bool taken = false;
+            for (int64_t i = 0; i < n; ++i) taken |= placed[i] && cells[i] == c;
+            if (!taken) break;
+        }
+        cells[j] = c;
+        placed[j] = true;
+        if (c + 1 > top) top = c + 1;
+    }
+    if (max_holes >= 0 && top - summary[0] - n >= max_holes) return 0;
+    for (int64_t i = 0; i < n; ++i) {
+        pos[cells[i]] = positions[i];
+        member[seqs[i] * capacity + cells[i]] = true;
+        if (cells[i] > last[seqs[i]]) last[seqs[i]] = cells[i];
+    }
+    summary[0] += n;
+    summary[1] = top;
+    return 1;
+}
+
+void pyrunner_attention_mask(const int32_t * cell_pos, const bool * member, int64_t capacity, int64_t start,
+                             int64_t n_kv, const int64_t * rows, const int32_t * lo, const int32_t * hi,
+                             int64_t n_tokens, int64_t n_rows, int f16, void * out) {
+    const uint32_t hidden32 = 0xFF800000u;  /* -inf */
+    const uint16_t hidden16 = 0xFC00u;
+    const int32_t * q = cell_pos + start;
+    for (int64_t t = 0; t < n_rows; ++t) {
+        uint16_t * o16 = (uint16_t *) out + t * n_kv;
+        uint32_t * o32 = (uint32_t *) out + t * n_kv;
+        if (t >= n_tokens) {
+            for (int64_t c = 0; c < n_kv; ++c) {
+                if (f16) o16[c] = hidden16; else o32[c] = hidden32;
+            }
+            continue;
+        }
+        const bool * m = member + rows[t] * capacity + start;
+        const int32_t l = lo != NULL ? lo[t] : INT32_MIN;
+        const int32_t h = hi != NULL ? hi[t] : INT32_MAX;
+        /* branch-free selects: the compiler vectorizes these loops */
+        if (f16) {
+            for (int64_t c = 0; c < n_kv; ++c) {
+                const bool visible = m[c] & (q[c] >= l) & (q[c] <= h);
+                o16[c] = visible ? 0 : hidden16;
+            }
+        } else {
+            for (int64_t c = 0; c < n_kv; ++c) {
+                const bool visible = m[c] & (q[c] >= l) & (q[c] <= h);
+                o32[c] = visible ? 0 : hidden32;
+            }
+        }
+    }
+}
