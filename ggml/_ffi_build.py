@@ -270,7 +270,9 @@ struct ggml_tensor * pyrunner_row_attention(struct ggml_context * ctx, struct gg
 """
 
 CDEF_HOST_CACHE = """
-// ---- ggml/host_cache.c: the KV cache's decode-step placement and attention mask, on the host ----
+// ---- ggml/host_cache.c: the KV cache's decode-step eviction, placement and attention mask, on the host ----
+int64_t pyrunner_evict_decode(int32_t * pos, bool * member, int64_t capacity, int64_t n_rows, int64_t * summary,
+                              const int64_t * seqs, const int64_t * thresholds, int64_t n, int32_t * freed);
 int pyrunner_place_decode(int32_t * pos, bool * member, int64_t capacity, int64_t * summary, const int64_t * seqs,
                           const int32_t * positions, int64_t n, int64_t max_holes, int64_t * cells);
 void pyrunner_attention_mask(const int32_t * cell_pos, const bool * member, int64_t capacity, int64_t start,

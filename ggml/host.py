@@ -16,6 +16,43 @@ PLACE_MAX = 64
 """Tokens `place_decode` takes at most (PYR_PLACE_MAX)."""
 
 
+def _check_table(pos: NDArray[np.int32], member: NDArray[np.bool_], summary: NDArray[np.int64],
+                 seqs: NDArray[np.intp], per_token: NDArray[Any], per_token_dtype: type[np.generic]) -> None:
+    """ValueError unless the arrays are a cell table's (int32 positions, bool membership of the same capacity, its
+    summary), all writable and contiguous, with distinct sequence ids in range and one `per_token` entry each."""
+    n = seqs.shape[0]
+    if (pos.dtype != np.int32 or pos.ndim != 1 or member.dtype != np.bool_ or member.ndim != 2
+            or member.shape[1] != pos.shape[0] or summary.dtype != np.int64 or summary.shape != (2 + member.shape[0],)
+            or seqs.dtype != np.intp or per_token.dtype != per_token_dtype or per_token.shape != (n,)
+            or not (pos.flags.c_contiguous and member.flags.c_contiguous and summary.flags.c_contiguous
+                    and seqs.flags.c_contiguous and per_token.flags.c_contiguous and pos.flags.writeable
+                    and member.flags.writeable and summary.flags.writeable)):
+        raise ValueError("bad cell table arrays")
+    ids = seqs.tolist()
+    if not 1 <= n <= PLACE_MAX or min(ids) < 0 or max(ids) >= member.shape[0] or len(set(ids)) != n:
+        raise ValueError(f"{n} tokens of sequences {ids}: 1 to {PLACE_MAX} distinct ones in [0, {member.shape[0]})")
+    capacity = pos.shape[0]
+    if not 0 <= int(summary[1]) <= capacity or not all(-1 <= int(summary[2 + s]) < capacity for s in ids):
+        raise ValueError("the summary points outside the table")
+
+
+def evict_decode(pos: NDArray[np.int32], member: NDArray[np.bool_], summary: NDArray[np.int64],
+                 seqs: NDArray[np.intp], thresholds: NDArray[np.int64]) -> NDArray[np.int32]:
+    """The sliding window's eviction on a decode step (CellTable.evict_outside_window, one token per sequence):
+    sequence seqs[i] lets go of its cells at positions below thresholds[i], cells no sequence holds become empty,
+    the summary (see `place_decode`) follows. Returns the cells freed, ascending."""
+    _check_table(pos, member, summary, seqs, thresholds, np.int64)
+    freed = np.empty(pos.shape[0], dtype=np.int32)  # a cell is freed once at most
+    n = lib.pyrunner_evict_decode(ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("bool[]", member), pos.shape[0],
+                                  member.shape[0], ffi.from_buffer("int64_t[]", summary),
+                                  ffi.from_buffer("int64_t[]", seqs), ffi.from_buffer("int64_t[]", thresholds),
+                                  seqs.shape[0], ffi.from_buffer("int32_t[]", freed))
+    out = freed[:n]
+    if seqs.shape[0] > 1 and n > 1:
+        out.sort()
+    return out
+
+
 def place_decode(pos: NDArray[np.int32], member: NDArray[np.bool_], summary: NDArray[np.int64],
                  seqs: NDArray[np.intp], positions: NDArray[np.int32], max_holes: int | None) -> NDArray[np.int64] | None:
     """Ordered placement of one token per sequence (CellTable.place's decode step), stored in the table's arrays
@@ -25,23 +62,12 @@ def place_decode(pos: NDArray[np.int32], member: NDArray[np.bool_], summary: NDA
     below the extent.
 
     The caller checked positions >= 0 and that enough cells are free; sequences must be distinct."""
+    _check_table(pos, member, summary, seqs, positions, np.int32)
     n = seqs.shape[0]
-    capacity = pos.shape[0]
-    if (pos.dtype != np.int32 or pos.ndim != 1 or member.dtype != np.bool_ or member.ndim != 2
-            or member.shape[1] != capacity or summary.dtype != np.int64 or summary.shape != (2 + member.shape[0],)
-            or seqs.dtype != np.intp or positions.dtype != np.int32 or positions.shape != (n,)
-            or not (pos.flags.c_contiguous and member.flags.c_contiguous and summary.flags.c_contiguous
-                    and seqs.flags.c_contiguous and positions.flags.c_contiguous and pos.flags.writeable
-                    and member.flags.writeable and summary.flags.writeable)):
-        raise ValueError("place_decode: bad arrays")
-    ids = seqs.tolist()
-    if not 1 <= n <= PLACE_MAX or min(ids) < 0 or max(ids) >= member.shape[0] or len(set(ids)) != n:
-        raise ValueError(f"place_decode: {n} tokens of sequences {ids}: 1 to {PLACE_MAX} distinct ones in "
-                         f"[0, {member.shape[0]})")
     if max_holes is not None and max_holes <= 0:
         return None  # every placement leaves at least 0 empty cells below the extent
     cells = np.empty(n, dtype=np.int64)
-    ok = lib.pyrunner_place_decode(ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("bool[]", member), capacity,
+    ok = lib.pyrunner_place_decode(ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("bool[]", member), pos.shape[0],
                                    ffi.from_buffer("int64_t[]", summary), ffi.from_buffer("int64_t[]", seqs),
                                    ffi.from_buffer("int32_t[]", positions), n, -1 if max_holes is None else max_holes,
                                    ffi.from_buffer("int64_t[]", cells))

@@ -1,23 +1,52 @@
-/* Host-side loops of the KV cache's decode step (no ggml op: their results become a graph's input tensors):
-   the placement of one token per sequence in the cell table, and the additive attention mask.
+/* Host-side loops of the KV cache's decode step (no ggml op: their results become a graph's input tensors): the
+   sliding window's eviction and the placement of one token per sequence in the cell table, and the additive
+   attention mask. Each replaces a dozen numpy calls, which on a decode step run right after a graph compute has
+   flushed the interpreter's caches (a step's Python time is mostly such misses). The caller checks every index
+   (ggml/host.py).
 
-   Placement. Each sequence of the step, in ascending id order, takes the lowest free cell above the last cell it
+   Placement: each sequence of the step, in ascending id order, takes the lowest free cell above the last cell it
    holds that no earlier sequence of the step took (kvcache/cells.py: a sequence's cells stay in position order).
-   `summary` is the table's CellSummary array: n_used, extent, then each sequence's last cell (-1: none). The
-   result is the same as the Python placement (kvcache/summary.py), which the tests compare it with.
+   `summary` is the table's CellSummary array: n_used, extent, then each sequence's last cell (-1: none). Eviction
+   and placement give what the numpy versions give (kvcache/cells.py, kvcache/summary.py); the tests compare them.
 
-   Mask. numpy needs a gather of the membership rows, two broadcast comparisons, a negation and a multiply, each a call
-   into numpy with its own allocation; on a decode step they run right after a graph compute has flushed the
-   interpreter's caches, and cost ~50 µs for a 256-cell row. This loop writes each entry once.
-
-   Entry [t, c] (cell start + c) is +0 when the cell holds sequence rows[t] (member[rows[t] * capacity + cell]) and
-   lo[t] <= cell_pos[cell] <= hi[t], else -inf; lo or hi NULL means no such bound. Rows n_tokens .. n_rows - 1 are
-   all -inf. `f16`: IEEE half bit patterns (flash attention's mask), else float. The caller checks every index
-   (kvcache/masks.py, through ggml/host.py). */
+   Mask: entry [t, c] (cell start + c) is +0 when the cell holds sequence rows[t] (member[rows[t] * capacity +
+   cell]) and lo[t] <= cell_pos[cell] <= hi[t], else -inf; lo or hi NULL means no such bound. Rows n_tokens ..
+   n_rows - 1 are all -inf. `f16`: IEEE half bit patterns (flash attention's mask), else float. */
 #include <stdbool.h>
 #include <stdint.h>
 
-#define PYR_PLACE_MAX 64  /* tokens of one placement (kvcache/cells.py's _DECODE_FAST_MAX) */
+#define PYR_PLACE_MAX 64  /* tokens of one placement (ggml/host.py's PLACE_MAX) */
+
+/* The sliding window's eviction on a decode step (kvcache/cells.py's evict_outside_window): sequence seqs[i] lets go
+   of its cells at positions below thresholds[i]; a cell no sequence holds any more becomes empty and its index goes
+   to freed (in the order found). The summary follows: n_used, the extent and the batch's sequences' last cells.
+   Returns the number of cells freed. The caller checked: seqs distinct and in [0, n_rows), freed has room for
+   every used cell. */
+int64_t pyrunner_evict_decode(int32_t * pos, bool * member, int64_t capacity, int64_t n_rows, int64_t * summary,
+                              const int64_t * seqs, const int64_t * thresholds, int64_t n, int32_t * freed) {
+    int64_t extent = summary[1], n_freed = 0;
+    int64_t * last = summary + 2;
+    for (int64_t i = 0; i < n; ++i) {
+        bool * held = member + seqs[i] * capacity;
+        for (int64_t c = 0; c < extent; ++c) {
+            if (!held[c] || pos[c] >= thresholds[i]) continue;
+            held[c] = false;
+            bool orphan = true;
+            for (int64_t r = 0; r < n_rows; ++r) orphan &= !member[r * capacity + c];
+            if (orphan) {
+                pos[c] = -1;
+                freed[n_freed++] = (int32_t) c;
+            }
+        }
+        int64_t top = last[seqs[i]];
+        while (top >= 0 && !held[top]) --top;
+        last[seqs[i]] = top;
+    }
+    while (extent > 0 && pos[extent - 1] < 0) --extent;
+    summary[0] -= n_freed;
+    summary[1] = extent;
+    return n_freed;
+}
 
 /* Returns 1 with cells[i] the cell of (seqs[i], positions[i]), stored in pos, member and summary; 0 with nothing
    changed when some sequence finds no free cell above its last one, or when max_holes (>= 0) or more empty cells

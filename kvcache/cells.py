@@ -63,7 +63,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from ggml.host import PLACE_MAX, place_decode
+from ggml.host import PLACE_MAX, evict_decode, place_decode
 from kvcache.arrays import all_distinct, batch_arrays, bounds, readonly
 from kvcache.errors import CacheFullError, NotSupportedError
 from kvcache.masks import (
@@ -536,13 +536,13 @@ class CellTable:
             # found without the numpy passes below (this runs on every decode step of a sliding-window model)
             self._version += 1
             return np.empty(0, dtype=np.int32)
-        if all_distinct(seq):  # one token per sequence (a decode step): its position is lowest
-            rows, threshold = seq, pos - window
-        else:
-            lowest = np.full(self._max_sequences, np.iinfo(np.int64).max, dtype=np.int64)
-            np.minimum.at(lowest, seq, pos)
-            rows = np.unique(seq)
-            threshold = lowest[rows] - window  # int64: no underflow
+        if seq.size <= PLACE_MAX and all_distinct(seq):  # a decode step: one C pass that keeps the summary
+            self._version += 1
+            return evict_decode(self._pos, self._member, self._summarized().values, seq, pos - window)
+        lowest = np.full(self._max_sequences, np.iinfo(np.int64).max, dtype=np.int64)
+        np.minimum.at(lowest, seq, pos)
+        rows = np.unique(seq)
+        threshold = lowest[rows] - window  # int64: no underflow
         if int(threshold.max()) <= 0:  # no position lies below: nothing to drop (the early steps of a sequence)
             self._version += 1
             return np.empty(0, dtype=np.int32)

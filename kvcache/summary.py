@@ -4,8 +4,9 @@ A decode step asks three things of the cell table: how many cells are used, wher
 extent, which sets the attended range), and, per sequence, the last cell it holds (its next token must go above
 it). Answering them from the arrays costs a dozen numpy passes over every cell, and on a decode step the interpreter
 runs with caches that the graph compute has just flushed: ~150 µs of a step's Python time. A `CellSummary` holds
-the answers in one small array; `CellTable.store` and `evict_outside_window` (the per-step mutations) update it, every
-other mutation drops it and the next query rebuilds it from the arrays (one pass).
+the answers in one small int64 array. A decode step's eviction and placement (C, ggml/host.py) update it in place,
+as do `CellTable.store` and the general eviction; every other mutation drops it and the next query rebuilds it from
+the arrays (one pass).
 """
 from __future__ import annotations
 

@@ -3,10 +3,12 @@ date by store and eviction instead of recomputed, gives the cells the general pe
 `place` is ordered_free_cells then store."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
-from ggml.host import place_decode
+from ggml.host import evict_decode, place_decode
 from kvcache.cells import CellTable
 from kvcache.errors import CacheFullError
 from kvcache.summary import CellSummary
@@ -179,4 +181,49 @@ def test_decode_placement_checks_its_arguments() -> None:
         place_decode(t._pos, t._member, np.zeros(3, dtype=np.int64), np.array([0], dtype=np.intp), one, None)
     with pytest.raises(ValueError):
         place_decode(t._pos[::2], t._member[:, ::2], t._summarized().values, np.array([0], dtype=np.intp), one, None)
+    corrupt = t._summarized().values.copy()
+    corrupt[1] = 9  # an extent past the capacity
+    lower = t._summarized().values.copy()
+    lower[2] = -2  # a last cell below -1
+    for summary in (corrupt, lower):
+        with pytest.raises(ValueError):
+            place_decode(t._pos, t._member, summary, np.array([0], dtype=np.intp), one, None)
+        with pytest.raises(ValueError):
+            evict_decode(t._pos, t._member, summary, np.array([0], dtype=np.intp), np.array([5], dtype=np.int64))
+    with pytest.raises(ValueError):  # thresholds must be int64
+        evict_decode(*table, np.array([0], dtype=np.intp), one)  # type: ignore[arg-type]
     assert t.n_used == 0 and not t._member.any()
+
+
+def test_decode_eviction_in_c_matches_the_numpy_eviction() -> None:
+    """A sliding window's eviction on a decode step runs in C (ggml/host.py's evict_decode); on random tables
+    (shared cells, holes) it frees the cells, drops the memberships and leaves the summary that the numpy eviction
+    (taken by a batch with a second token of one sequence, which has the same lowest positions) gives."""
+    g = np.random.default_rng(31)
+    freed_any = 0
+    for _ in range(400):
+        cap, n_seq = int(g.integers(4, 40)), int(g.integers(1, 5))
+        t = CellTable(cap, n_seq)
+        nxt = [0] * n_seq
+        for _ in range(int(g.integers(0, cap))):
+            s = int(g.integers(0, n_seq))
+            placed = t.place([nxt[s]], [s]) if t.n_free else None
+            if placed is not None:
+                nxt[s] += 1
+        if n_seq > 1 and g.random() < 0.3:
+            t.copy_prefix(0, 1, int(g.integers(0, 10)))  # cells held by two sequences
+            nxt[1] = max(nxt[1], t.max_pos(1) + 1)
+        k = int(g.integers(1, n_seq + 1))
+        seqs = g.permutation(n_seq)[:k].astype(np.int32)
+        pos = np.array([nxt[s] for s in seqs], dtype=np.int32)
+        window = int(g.integers(0, 8))
+        u = copy.deepcopy(t)
+        t._summarized()
+        got = t.evict_outside_window(pos, seqs, window)
+        want = u.evict_outside_window(np.append(pos, pos[0] + 1), np.append(seqs, seqs[0]), window)
+        assert got.dtype == np.int32 and got.tolist() == want.tolist()
+        assert np.array_equal(t.positions, u.positions) and np.array_equal(t.sequences, u.sequences)
+        assert t._summarized() == CellSummary.of(np.asarray(t.positions), np.asarray(t.sequences).T)
+        assert t.version == u.version
+        freed_any += bool(got.size)
+    assert freed_any > 100, freed_any
