@@ -299,6 +299,12 @@ class Sampler:
             SamplingError: NaN logits, or NaN probabilities (all -inf, or +inf logits).
         """
         row = np.asarray(logits, dtype=np.float32).reshape(-1)
+        if self._temperature == 0.0 and not (self._use_penalties and self._history):
+            # Greedy: one pass over the row. argmax stops at the first NaN and finds the first +inf, so the value
+            # at its index tells whether the row needs the checks below; a plain row's answer is that index.
+            best = int(np.argmax(row))
+            if math.isfinite(row[best]) or row[best] == -np.inf:
+                return best
         top = row.max()  # NaN if any is (the maximum propagates NaN), +inf if any is: one pass checks both
         if np.isnan(top):
             raise SamplingError(f"sampling failed: NaN in logits ({int(np.isnan(row).sum())} of {row.size})")
