@@ -178,6 +178,8 @@ def same_batch(inputs: Sequence[int], rows: Mapping[int, ImageRow]) -> tuple[tup
 def batch(inputs: Sequence[int], positions: npt.NDArray[np.int32], seqs: npt.NDArray[np.int32],
           outputs: npt.NDArray[np.int32], rows: Mapping[int, ImageRow]) -> Batch:
     """A forward pass's Batch; image rows get their embeddings and see their whole image (spans)."""
+    if not rows and (not inputs or min(inputs) >= 0):  # only token ids (every decode step without images)
+        return Batch(np.asarray(inputs, dtype=np.int32), positions, seqs, outputs)
     ids = np.asarray(inputs, dtype=np.int64)
     is_row = ids < 0
     if not is_row.any():

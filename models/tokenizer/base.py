@@ -51,6 +51,7 @@ class Tokenizer(ABC):
         self._vocab = vocab
         self._splitter = SpecialSplitter(vocab.tokens, vocab.attrs, vocab.special_ids)
         self._eog = vocab.ids.eog()
+        self._rendered: dict[int, bytes] = {}  # token_bytes' answers: a generated token is rendered every step
 
     # --- encoding -------------------------------------------------------------------------------------------
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
@@ -89,6 +90,12 @@ class Tokenizer(ABC):
     # --- decoding -------------------------------------------------------------------------------------------
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes token `token_id` renders as (possibly a partial UTF-8 sequence); see the module docstring."""
+        known = self._rendered.get(token_id)
+        if known is None:
+            known = self._rendered[token_id] = self._render(token_id)
+        return known
+
+    def _render(self, token_id: int) -> bytes:
         attr = self._vocab.attrs[self._check(token_id)]
         text = self._vocab.tokens[token_id]
         if attr & _RENDER_AS_TEXT:
