@@ -225,13 +225,15 @@ def bench_model(path: Path, threads: int, repeats: int, *, unfused: bool, fast_k
                 best.add("prefill", prefill(engine, 1)[1], N_PROMPT)
                 for n_seq in SEQS:
                     run_decode(engine, n_seq, best, f"decode{n_seq}")
+        # The quiet 1-thread figure right before each contended round: the host's speed drifts by tens of percent
+        # over minutes, and the ratio of the two should not measure that drift.
+        for _ in range(repeats):
             run_decode(ours1, 1, engines[0][1], "decode1_1thread")
             if theirs is not None:
                 theirs.set_threads(1)
                 run_decode(theirs, 1, engines[1][1], "decode1_1thread")
                 theirs.set_threads(threads)
-        with busy_process():
-            for _ in range(repeats):
+            with busy_process():
                 for engine, best in engines:
                     run_decode(engine, 1, best, "decode1_contended")
     finally:
