@@ -149,13 +149,14 @@ class Runtime:
             if budget is not None:
                 lib.pyrunner_cpu_time_box(self.cpu_backend, self._deadline, 0.0)
         seconds = time.perf_counter() - started
+        cpu_seconds = time.thread_time() - cpu_started
         self.compute_seconds += seconds
-        self.compute_thread_seconds += time.thread_time() - cpu_started
+        self.compute_thread_seconds += cpu_seconds
         aborted = budget is not None and status == lib.GGML_STATUS_ABORTED
         if not aborted:
             check_status(status, "ggml_backend_sched_graph_compute")
         if self.governor is not None:
-            self.governor.observe(repeat_of, n, seconds, finished=not aborted)
+            self.governor.observe(repeat_of, n, seconds, finished=not aborted, cpu=cpu_seconds)
         return not aborted
 
     def _set_threads(self, n: int) -> None:

@@ -9,6 +9,11 @@ neighbouring thread count and keeps whichever is faster. A trial that is clearly
 trials back off (16, 32, ... 256 steps apart) while they keep losing, so a quiet machine pays well under 1% for
 them.
 
+Contention shows first in the calling thread's CPU time: it is one of the compute's threads, and on a quiet machine
+it computes or spins at the barriers for the whole step. A step through much of which it waited for a core
+(measured: CPU time 50-60% of the wall time in the stalled steps under one busy process, 100% quiet) brings the next
+trial at once.
+
 Two things keep contention from costing much before the governor adapts. A trial of more threads runs under a
 time box (`budget`): once it has taken longer than the current count's mean step, ggml stops it after the
 current op and the runtime computes the graph again with the current count, so such a trial on a contended
@@ -28,6 +33,7 @@ class ThreadGovernor:
     the count (`threads`) and reports the time each comparable compute took (`observe`)."""
 
     WINDOW = 8  # recent steps at the current count that a trial is compared with
+    DESCHEDULED = 0.7  # a step whose compute thread ran less than this share of it was contended (see observe)
 
     def __init__(self, max_threads: int, *, explore_every: int = 16, max_explore_every: int = 256,
                  trial_steps: int = 3, margin: float = 0.85, slow: float = 1.5) -> None:
@@ -71,9 +77,11 @@ class ThreadGovernor:
             return None
         return _mean(self._samples)
 
-    def observe(self, graph: object | None, threads: int, seconds: float, finished: bool = True) -> None:
+    def observe(self, graph: object | None, threads: int, seconds: float, finished: bool = True,
+                cpu: float | None = None) -> None:
         """A compute of `graph` with `threads` took `seconds` (ignored unless it is the graph `threads` named);
-        not `finished`: its time box stopped it (a lost trial)."""
+        not `finished`: its time box stopped it (a lost trial); `cpu`: the CPU seconds the calling thread (one of
+        the compute's threads) got meanwhile, when known."""
         if graph is None or graph is not self._graph:
             return
         if self._trial is not None and threads == self._trial:
@@ -91,7 +99,11 @@ class ThreadGovernor:
             self._samples = (self._samples + [seconds])[-self.WINDOW:]
             self._countdown -= 1
             self._fresh += 1
-            if self._fresh >= self.WINDOW and self._changed():
+            # A compute thread that waited for a core through a good part of the step (its CPU time well under
+            # the wall time; on a quiet machine it runs or spins throughout) says another process competes now,
+            # whatever the back-off or the window say: the next step tries fewer threads.
+            descheduled = self.current > 1 and cpu is not None and cpu < self.DESCHEDULED * seconds
+            if descheduled or (self._fresh >= self.WINDOW and self._changed()):
                 self._interval, self._countdown, self._fresh = self.explore_every, 0, 0
 
     def _changed(self) -> bool:

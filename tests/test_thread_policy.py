@@ -75,6 +75,26 @@ def test_a_change_of_load_brings_the_next_trial_forward() -> None:
     assert gov.current == 1 and used.index(1) < 2 * ThreadGovernor.WINDOW, used
 
 
+def test_a_step_whose_thread_waited_for_a_core_brings_the_next_trial() -> None:
+    """Long backed off on a quiet machine, the governor sees one step in which the calling thread ran for half the
+    wall time (another process took its core): the very next step tries one thread, which wins. A step that ran
+    throughout, however slow, brings nothing forward."""
+    gov = ThreadGovernor(2, explore_every=4, max_explore_every=256, trial_steps=2)
+    g = object()
+    _drive(gov, g, {2: 0.004, 1: 0.007}, 600)
+    assert gov.current == 2 and gov._interval == 256 and gov._countdown > 10
+    n = gov.threads(g)
+    gov.observe(g, n, 0.009, cpu=0.0089)  # slower, but the thread ran throughout: no evidence of contention
+    assert gov.threads(g) == 2
+    gov.observe(g, 2, 0.004, cpu=0.004)
+    gov.observe(g, gov.threads(g), 0.060, cpu=0.030)  # a stall: it waited for a core half of the step
+    assert gov.threads(g) == 1
+    for _ in range(3):
+        n = gov.threads(g)
+        gov.observe(g, n, 0.007 if n == 1 else 0.060, cpu=0.007 if n == 1 else 0.030)
+    assert gov.current == 1 and gov.n_switches == 1
+
+
 def test_a_noisy_neighbour_does_not_keep_the_governor_at_fewer_threads() -> None:
     """After a false move to one thread, two threads are faster on average even though every fourth step is slowed
     by a third (6.7 ms, and 9 ms, against one thread's 10 ms): the next trial of two threads wins. Judged by its
@@ -211,9 +231,10 @@ def test_a_stopped_trial_is_computed_again_to_the_same_logits(smollm2_path: Path
             outcomes: list[bool] = []
             observe = gov.observe
 
-            def counted(graph: object | None, threads: int, seconds: float, finished: bool = True) -> None:
+            def counted(graph: object | None, threads: int, seconds: float, finished: bool = True,
+                        cpu: float | None = None) -> None:
                 outcomes.append(finished)
-                observe(graph, threads, seconds, finished)
+                observe(graph, threads, seconds, finished, cpu)
             gov.observe = counted  # type: ignore[method-assign]
             results.append(_greedy_logits(backend, 7, 12))
             stopped.append(outcomes.count(False))
