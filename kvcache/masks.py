@@ -162,10 +162,10 @@ def build_mask(
             f"shape mismatch: member {member.shape}, cell_positions "
             f"{cell_positions.shape}, positions {positions.shape}"
         )
-    rows = _check_rows(n_tokens, n_rows, causal, spans, dtype)
-    lo, hi = _bounds(positions, window=window, chunk=chunk, causal=causal, spans=spans)
-    return attention_mask(np.ascontiguousarray(cell_positions, dtype=np.int32), np.ascontiguousarray(member), 0, n_kv,
-                          np.arange(n_tokens, dtype=np.intp), lo, hi, rows, dtype)
+    # a table of n_tokens "sequences", row t being token t's
+    return table_mask(np.ascontiguousarray(cell_positions, dtype=np.int32), np.ascontiguousarray(member), (0, n_kv),
+                      np.arange(n_tokens, dtype=np.intp), positions, window=window, chunk=chunk, causal=causal,
+                      spans=spans, n_rows=n_rows, dtype=dtype)
 
 
 def table_mask(
