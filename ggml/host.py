@@ -54,7 +54,8 @@ def evict_decode(pos: NDArray[np.int32], member: NDArray[np.bool_], summary: NDA
 
 
 def place_decode(pos: NDArray[np.int32], member: NDArray[np.bool_], summary: NDArray[np.int64],
-                 seqs: NDArray[np.intp], positions: NDArray[np.int32], max_holes: int | None) -> NDArray[np.int64] | None:
+                 seqs: NDArray[np.intp], positions: NDArray[np.int32],
+                 max_holes: int | None) -> NDArray[np.int64] | None:
     """Ordered placement of one token per sequence (CellTable.place's decode step), stored in the table's arrays
     `pos` int32[capacity] and `member` bool[n_sequences, capacity] and its summary int64[2 + n_sequences] (n_used,
     extent, each sequence's last cell): the cells taken (int64, the set_rows indices), or None with nothing

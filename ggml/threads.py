@@ -17,8 +17,9 @@ trial at once.
 Two things keep contention from costing much before the governor adapts. A trial of more threads runs under a
 time box (`budget`): once it has taken longer than the current count's mean step, ggml stops it after the
 current op and the runtime computes the graph again with the current count, so such a trial on a contended
-machine (one step can take 20 times a normal one there) costs about two steps. And two or more stalled steps among the last eight (a process
-has just started competing) bring the next trial forward, whatever the back-off had reached.
+machine (one step can take 20 times a normal one there) costs about two steps. And two or more stalled steps among
+the last eight (a process has just started competing) bring the next trial forward, whatever the back-off had
+reached.
 
 The thread count never changes results: the batch-invariant kernels split work by output rows, each row computed
 by one thread the same way (tests/test_thread_policy.py).

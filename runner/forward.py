@@ -31,7 +31,8 @@ _BATCH_FIELDS = ("tokens", "positions", "seqs", "outputs")
 @dataclass
 class _Input:
     """An input tensor of a kept graph, and where the backend allows it a writable view of its memory: a step's
-    new contents are then a numpy copy instead of a call into C per input (a decoder step refreshes five or more)."""
+    new contents are then a numpy copy instead of a call into C per input (a decoder step refreshes five or
+    more)."""
 
     tensor: Tensor
     view: npt.NDArray[Any] | None  # 1-D
