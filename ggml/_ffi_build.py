@@ -16,6 +16,7 @@ MODULE_NAME = "ggml._ggml_api"
 ROW_MATMUL_C = Path(__file__).resolve().parent / "row_matmul.c"
 ROW_ATTENTION_C = Path(__file__).resolve().parent / "row_attention.c"
 HOST_CACHE_C = Path(__file__).resolve().parent / "host_cache.c"
+HOST_SAMPLE_C = Path(__file__).resolve().parent / "host_sample.c"
 
 CDEF_GGML_H = """
 // ---- ggml.h ----
@@ -280,6 +281,13 @@ void pyrunner_attention_mask(const int32_t * cell_pos, const bool * member, int6
                              int64_t n_tokens, int64_t n_rows, int f16, void * out);
 """
 
+CDEF_HOST_SAMPLE = """
+// ---- ggml/host_sample.c: the sampler's penalties and top-k in one pass over a row of logits ----
+int64_t pyrunner_sample_top_k(const float * row, int64_t n, int64_t * history, int64_t n_history, float repeat,
+                              float presence, float frequency, uint8_t * seen, int64_t * pen_ids, float * pen_vals,
+                              int64_t k, int64_t * out_ids, float * out_vals);
+"""
+
 CDEF_TIME_BOX = """
 // ---- a time box for one CPU graph compute (the thread governor's trials) ----
 void pyrunner_cpu_time_box(ggml_backend_t backend_cpu, double * deadline, double seconds);
@@ -288,7 +296,7 @@ void pyrunner_graph_forget_allocation(struct ggml_cgraph * graph);
 """
 
 CDEF = (CDEF_GGML_H + CDEF_GGML_BACKEND_H + CDEF_GGML_CPU_H + CDEF_RPC + CDEF_ROW_MATMUL + CDEF_ROW_ATTENTION
-        + CDEF_HOST_CACHE + CDEF_TIME_BOX)
+        + CDEF_HOST_CACHE + CDEF_HOST_SAMPLE + CDEF_TIME_BOX)
 
 C_SOURCE = """
 #include "ggml.h"
@@ -449,7 +457,7 @@ def make_builder() -> Any:
     ffibuilder = cffi.FFI()
     ffibuilder.cdef(CDEF)
     ffibuilder.set_source(MODULE_NAME, C_SOURCE + ROW_MATMUL_C.read_text() + ROW_ATTENTION_C.read_text()
-                           + HOST_CACHE_C.read_text())
+                           + HOST_CACHE_C.read_text() + HOST_SAMPLE_C.read_text())
     return ffibuilder
 
 

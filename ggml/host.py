@@ -1,4 +1,5 @@
-"""Host-side loops in C for the KV cache's decode steps (ggml/host_cache.c): no ggml graph, plain numpy in and out.
+"""Host-side loops in C for a decode step's bookkeeping: the KV cache's (ggml/host_cache.c) and the sampler's
+(ggml/host_sample.c). No ggml graph, plain numpy in and out.
 
 Every index the C code follows is checked here first, so a wrong argument raises ValueError instead of reading
 outside an array.
@@ -114,3 +115,33 @@ def attention_mask(cell_pos: NDArray[np.int32], member: NDArray[np.bool_], start
                                     capacity, start, n_kv, ffi.from_buffer("int64_t[]", rows), bounds[0], bounds[1],
                                     n_tokens, n_rows, int(dtype is np.float16), ffi.from_buffer(out))
     return out
+
+
+SAMPLE_MAX_K = 256
+"""The largest top-k `sample_top_k` takes (PYR_SAMPLE_MAX_K)."""
+
+
+def sample_top_k(row: NDArray[np.float32], history: NDArray[np.int64], repeat_penalty: float, presence_penalty: float,
+                 frequency_penalty: float, k: int,
+                 seen: NDArray[np.uint8]) -> tuple[NDArray[np.int64], NDArray[np.float32]] | None:
+    """The k best tokens of `row` after the repetition penalties of `history` (runner/sampling.py's
+    apply_penalties, bit for bit), by logit down and id up, with their penalised logits; None when the row holds
+    a NaN or +inf (the sampler's general path reports or handles them). `history` is sorted in place; `seen` is
+    scratch of at least row.size zero bytes, zero again afterwards. The row is read once and not copied."""
+    n = row.shape[0]
+    if (row.dtype != np.float32 or row.ndim != 1 or history.dtype != np.int64 or history.ndim != 1
+            or seen.dtype != np.uint8 or seen.shape[0] < n
+            or not (row.flags.c_contiguous and history.flags.c_contiguous and history.flags.writeable
+                    and seen.flags.c_contiguous and seen.flags.writeable)):
+        raise ValueError("sample_top_k: bad arrays")
+    if not 1 <= k <= min(n, SAMPLE_MAX_K):
+        raise ValueError(f"sample_top_k: k={k} outside [1, {min(n, SAMPLE_MAX_K)}]")
+    h = max(history.shape[0], 1)
+    pen_ids, pen_vals = np.empty(h, dtype=np.int64), np.empty(h, dtype=np.float32)
+    ids, vals = np.empty(k, dtype=np.int64), np.empty(k, dtype=np.float32)
+    got = lib.pyrunner_sample_top_k(ffi.from_buffer("float[]", row), n, ffi.from_buffer("int64_t[]", history),
+                                    history.shape[0], repeat_penalty, presence_penalty, frequency_penalty,
+                                    ffi.from_buffer("uint8_t[]", seen), ffi.from_buffer("int64_t[]", pen_ids),
+                                    ffi.from_buffer("float[]", pen_vals), k, ffi.from_buffer("int64_t[]", ids),
+                                    ffi.from_buffer("float[]", vals))
+    return (ids, vals) if got == k else None

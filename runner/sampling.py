@@ -19,12 +19,15 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from ggml.host import SAMPLE_MAX_K, sample_top_k
+
 from runner.errors import SamplingError
 
 _MIN_TEMPERATURE = 1e-7  # Go divides by max(temp, 1e-7) so a tiny temperature is "almost greedy", not a crash
 _U64 = (1 << 64) - 1
 _FIRST_WINDOW = 64  # tokens sorted first when there is no top-k; grows ×8 until top-p/min-p cut inside it
 _F32_MAX = float(np.finfo(np.float32).max)
+_NO_HISTORY = np.empty(0, dtype=np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,8 +236,7 @@ def candidates(row: npt.NDArray[np.float32], top_k: int, temperature: float, top
     scale = np.float32(max(temperature, _MIN_TEMPERATURE))
     if 0 < top_k < n:
         ids = top_k_sorted(row, top_k)
-        probs = softmax(_scaled(row[ids], scale, row[ids[0]]))
-        _check(probs, top_k, temperature)
+        return top_k_candidates(ids, row[ids], temperature, top_p, min_p)
     else:
         all_probs = softmax(_scaled(row, scale, np.max(row)))
         _check(all_probs, top_k, temperature)
@@ -248,6 +250,20 @@ def candidates(row: npt.NDArray[np.float32], top_k: int, temperature: float, top
                     or (min_p > 0.0 and probs[-1] < probs[0] * np.float32(min_p))):
                 break
             m = min(n, m * 8)
+    return _cut(ids, probs, top_p, min_p)
+
+
+def top_k_candidates(ids: npt.NDArray[np.int64], values: npt.NDArray[np.float32], temperature: float, top_p: float,
+                     min_p: float) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """`candidates` from its top-k on: `ids` the k best tokens in order, `values` their logits."""
+    probs = softmax(_scaled(values, np.float32(max(temperature, _MIN_TEMPERATURE)), values[0]))
+    _check(probs, ids.size, temperature)
+    return _cut(ids, probs, top_p, min_p)
+
+
+def _cut(ids: npt.NDArray[np.int64], probs: npt.NDArray[np.float32], top_p: float,
+         min_p: float) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """top-p, then min-p, over candidates in descending order."""
     cut = top_p_cut(probs, top_p)
     ids, probs = ids[:cut], probs[:cut]
     keep = min_p_mask(probs, min_p)
@@ -274,6 +290,7 @@ class Sampler:
         self._use_penalties = window > 0 and (
             repeat != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0)
         self._history: deque[int] = deque(maxlen=window if self._use_penalties else 0)
+        self._seen: npt.NDArray[np.uint8] | None = None
         for token in history:
             self.accept(token)
 
@@ -287,6 +304,12 @@ class Sampler:
         """The tokens the penalties currently look at, oldest first (empty when penalties are off)."""
         return tuple(self._history)
 
+    def _scratch(self, n: int) -> npt.NDArray[np.uint8]:
+        """n zero bytes for sample_top_k's marks (kept: a vocabulary's worth, allocated once)."""
+        if self._seen is None or self._seen.size < n:
+            self._seen = np.zeros(n, dtype=np.uint8)
+        return self._seen
+
     def accept(self, token: int) -> None:
         """Record a token for the repetition penalties (a no-op when they are off)."""
         if self._use_penalties:
@@ -298,13 +321,27 @@ class Sampler:
         Raises:
             SamplingError: NaN logits, or NaN probabilities (all -inf, or +inf logits).
         """
-        row = np.asarray(logits, dtype=np.float32).reshape(-1)
-        if self._temperature == 0.0 and not (self._use_penalties and self._history):
+        row = np.ascontiguousarray(np.asarray(logits, dtype=np.float32).reshape(-1))
+        penalties = bool(self._use_penalties and self._history)
+        if self._temperature == 0.0 and not penalties:
             # Greedy: one pass over the row. argmax stops at the first NaN and finds the first +inf, so the value
             # at its index tells whether the row needs the checks below; a plain row's answer is that index.
             best = int(np.argmax(row))
             if math.isfinite(row[best]) or row[best] == -np.inf:
                 return best
+        k = 1 if self._temperature == 0.0 else self._params.top_k
+        if 0 < k < row.size and k <= SAMPLE_MAX_K:
+            # The usual request (a top-k, penalties or not; or greedy with penalties): penalties and top-k in one
+            # pass in C, the row neither checked nor copied separately. A NaN or +inf takes the general path.
+            picked = sample_top_k(row, np.fromiter(self._history, dtype=np.int64, count=len(self._history))
+                                  if penalties else _NO_HISTORY.copy(), self._repeat_penalty,
+                                  self._params.presence_penalty, self._params.frequency_penalty, k,
+                                  self._scratch(row.size))
+            if picked is not None:
+                if self._temperature == 0.0:
+                    return int(picked[0][0])
+                ids, probs = top_k_candidates(*picked, self._temperature, self._top_p, self._min_p)
+                return int(ids[draw(probs, float(self._rng.random(dtype=np.float32)))])
         top = row.max()  # NaN if any is (the maximum propagates NaN), +inf if any is: one pass checks both
         if np.isnan(top):
             raise SamplingError(f"sampling failed: NaN in logits ({int(np.isnan(row).sum())} of {row.size})")

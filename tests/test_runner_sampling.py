@@ -7,6 +7,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from ggml.host import sample_top_k
 from runner.errors import SamplingError
 from runner.sampling import (Sampler, SamplerParams, apply_penalties, candidates, draw, min_p_mask, softmax,
                              top_k_sorted, top_p_cut)
@@ -289,3 +290,67 @@ def test_tiny_temperature_is_almost_greedy() -> None:
 
 def test_positive_infinity_is_the_largest_logit() -> None:
     assert Sampler(SamplerParams(temperature=1.0, seed=0)).sample(arr(1.0, np.inf, 2.0)) == 1
+
+
+def test_sample_top_k_in_c_equals_penalising_a_copy_then_top_k() -> None:
+    """The sampler's pass in C (ggml/host.py sample_top_k) gives, bit for bit, what apply_penalties on a copy of the
+    row and top_k_sorted give: the same ids in the same order and the same penalised logits, over random rows
+    (ties, -inf entries), histories (repeats, ids outside the vocabulary) and penalties, the overflowing ones too;
+    a NaN or +inf in the row gives None; the scratch marks are cleared."""
+    g = np.random.default_rng(41)
+    penalties = [(1.1, 0.0, 0.0), (1.5, 0.5, 0.25), (0.7, -2.0, -0.5), (1e-45, 0.0, 0.0), (1.1, 3.4e38, 0.0),
+                 (1.1, 0.0, -3.4e38), (30.0, 0.0, 1.0)]
+    for trial in range(400):
+        n = int(g.choice([7, 300, 5000, 49152]))
+        row = (g.standard_normal(n) * g.uniform(0.1, 8)).astype(np.float32)
+        if trial % 4 == 0:
+            row = np.round(row).astype(np.float32)  # ties
+        if trial % 7 == 0:
+            row[g.integers(0, n, size=3)] = -np.inf
+        history = g.integers(-3, n + 3, size=int(g.integers(0, 100)))
+        history = np.concatenate([history, np.argsort(-row)[: int(g.integers(0, 20))]])  # the best seen too
+        repeat, presence, frequency = penalties[trial % len(penalties)]
+        k = int(min(n, g.choice([1, 2, 40, 256])))
+        seen = np.zeros(n, dtype=np.uint8)
+        got = sample_top_k(row, history.astype(np.int64), repeat, presence, frequency, k, seen)
+        copy = row.copy()
+        with np.errstate(all="ignore"):
+            apply_penalties(copy, history.astype(np.int64), repeat, presence, frequency)
+        want = top_k_sorted(copy, k)
+        assert got is not None and not seen.any()
+        assert got[0].tolist() == want.tolist()
+        assert np.array_equal(got[1].view(np.uint32), copy[want].view(np.uint32))
+    for bad in (np.nan, np.inf):
+        row = np.zeros(100, dtype=np.float32)
+        row[50] = bad
+        seen = np.zeros(100, dtype=np.uint8)
+        assert sample_top_k(row, np.array([50, 3], dtype=np.int64), 1.1, 0.0, 0.0, 5, seen) is None
+        assert not seen.any()
+    with pytest.raises(ValueError):
+        sample_top_k(np.zeros(10, np.float32), np.zeros(0, np.int64), 1.1, 0.0, 0.0, 11, np.zeros(10, np.uint8))
+    with pytest.raises(ValueError):
+        sample_top_k(np.zeros(10, np.float32), np.zeros(0, np.int64), 1.1, 0.0, 0.0, 3, np.zeros(9, np.uint8))
+
+
+def test_sampler_with_a_top_k_draws_what_the_general_path_draws() -> None:
+    """A request with a top-k (and penalties) samples through the C pass; its tokens are those of the numpy path
+    (penalise a copy, candidates, draw) with the same generator, and greedy with penalties picks the penalised
+    row's first maximum."""
+    g = np.random.default_rng(43)
+    for trial in range(60):
+        n = int(g.choice([1000, 49152]))
+        row = (g.standard_normal(n) * 4).astype(np.float32)
+        history = g.integers(0, n, size=50).tolist() + np.argsort(-row)[:10].tolist()
+        temperature = 0.0 if trial % 3 == 0 else 0.8
+        params = SamplerParams(temperature=temperature, top_k=40, top_p=0.9, repeat_penalty=1.3, repeat_last_n=-1,
+                               presence_penalty=0.2, seed=trial)
+        sampler, reference = Sampler(params, n_ctx=4096, history=history), Sampler(params, n_ctx=4096)
+        copy = row.copy()
+        apply_penalties(copy, np.array(history, dtype=np.int64), 1.3, 0.2, 0.0)
+        for _ in range(3):
+            token = sampler.sample(row)
+            if temperature == 0.0:
+                assert token == int(np.argmax(copy))
+                continue
+            ids, probs = candidates(copy, 40, temperature, 0.9, 0.0)
+            assert token == int(ids[draw(probs, float(reference._rng.random(dtype=np.float32)))])
