@@ -126,7 +126,7 @@ def sample_top_k(row: NDArray[np.float32], history: NDArray[np.int64], repeat_pe
                  seen: NDArray[np.uint8]) -> tuple[NDArray[np.int64], NDArray[np.float32]] | None:
     """The k best tokens of `row` after the repetition penalties of `history` (runner/sampling.py's
     apply_penalties, bit for bit), by logit down and id up, with their penalised logits; None when the row holds
-    a NaN or +inf (the sampler's general path reports or handles them). `history` is sorted in place; `seen` is
+    a NaN or +inf (the sampler's general path reports or handles them). `history` is overwritten; `seen` is
     scratch of at least row.size zero bytes, zero again afterwards. The row is read once and not copied."""
     n = row.shape[0]
     if (row.dtype != np.float32 or row.ndim != 1 or history.dtype != np.int64 or history.ndim != 1

@@ -84,16 +84,16 @@ __attribute__((target("avx2"))) static int64_t pyr_scan_avx2(const float * row, 
 }
 
 /* Returns the number of tokens written to out_ids / out_vals (min(k, n)); -1 when the row holds a NaN or +inf
-   (the caller's general path handles both). `history`: the seen token ids, repeats counted (sorted
-   here, in place); `seen`: n zero bytes of scratch, zero again on return; `pen_ids` / `pen_vals`: room for
+   (the caller's general path handles both). `history`: the seen token ids, repeats counted
+   (overwritten); `seen`: n zero bytes of scratch, zero again on return; `pen_ids` / `pen_vals`: room for
    n_history entries. The caller checked 1 <= k <= PYR_SAMPLE_MAX_K and the buffers' sizes. */
 int64_t pyrunner_sample_top_k(const float * row, int64_t n, int64_t * history, int64_t n_history, float repeat,
                               float presence, float frequency, uint8_t * seen, int64_t * pen_ids, float * pen_vals,
                               int64_t k, int64_t * out_ids, float * out_vals) {
-    /* the penalties: distinct seen ids in the vocabulary, ascending, with their counts */
+    /* the penalties: distinct seen ids in the vocabulary, ascending; their counts go to history's front (a group
+       of equal ids is read before its count is written, at an index no greater than the group's first) */
     qsort(history, (size_t) n_history, sizeof(int64_t), pyr_cmp_i64);
     int64_t n_pen = 0;
-    int all_finite = 1;
     for (int64_t h = 0; h < n_history;) {
         const int64_t id = history[h];
         int64_t count = 0;
@@ -101,44 +101,32 @@ int64_t pyrunner_sample_top_k(const float * row, int64_t n, int64_t * history, i
             ++count;
             ++h;
         }
-        if (id < 0 || id >= n) {
-            continue;
+        if (id >= 0 && id < n) {
+            pen_ids[n_pen] = id;
+            history[n_pen++] = count;
         }
-        const float v = row[id];
+    }
+    int all_finite = 1;
+    for (int64_t p = 0; p < n_pen; ++p) {
+        const float v = row[pen_ids[p]];
         float out = v <= 0.0f ? v * repeat : v / repeat;
         if (frequency != 0.0f || presence != 0.0f) {
-            const float scaled = (float) count * frequency;
+            const float scaled = (float) history[p] * frequency;
             const float total = scaled + presence;
             out = out - total;
         }
         all_finite &= isfinite(out) != 0;
-        pen_ids[n_pen] = id;
-        pen_vals[n_pen] = out;
-        ++n_pen;
+        pen_vals[p] = out;
     }
-    if (!all_finite) {  /* overflow: every penalised value again in double, as the numpy code does */
-        int64_t p = 0;
-        for (int64_t h = 0; h < n_history;) {
-            const int64_t id = history[h];
-            int64_t count = 0;
-            while (h < n_history && history[h] == id) {
-                ++count;
-                ++h;
-            }
-            if (id < 0 || id >= n) {
-                continue;
-            }
-            const float v = row[id];
-            if (isfinite(v)) {
-                double w = (double) v;
-                w = w <= 0.0 ? w * (double) repeat : w / (double) repeat;
-                w = w - ((double) count * (double) frequency + (double) presence);
-                w = w > FLT_MAX ? FLT_MAX : w < -FLT_MAX ? -FLT_MAX : w;
-                pen_vals[p] = (float) w;
-            } else {
-                pen_vals[p] = v;
-            }
-            ++p;
+    for (int64_t p = 0; p < n_pen && !all_finite; ++p) {  /* overflow: all again in double, as the numpy code */
+        const float v = row[pen_ids[p]];
+        if (isfinite(v)) {
+            double w = (double) v;
+            w = w <= 0.0 ? w * (double) repeat : w / (double) repeat;
+            w = w - ((double) history[p] * (double) frequency + (double) presence);
+            pen_vals[p] = (float) (w > FLT_MAX ? FLT_MAX : w < -FLT_MAX ? -FLT_MAX : w);
+        } else {
+            pen_vals[p] = v;
         }
     }
     /* the k best: the unchanged tokens from the row, the penalised ones from their new values */
