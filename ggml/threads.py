@@ -7,7 +7,8 @@ barrier). No load figure predicts this well, so the governor tries: while the sa
 (decode with graph reuse, so the timings compare like with like), it now and then runs a few steps with the
 neighbouring thread count and keeps whichever is faster. A trial that is clearly slower ends after one step, and
 trials back off (16, 32, ... 256 steps apart) while they keep losing, so a quiet machine pays well under 1% for
-them.
+them. Below the most threads the back-off stops at 64 steps: that count was taken under contention, and when the
+contention ends the governor should be back within about 64 steps.
 
 Contention shows first in the calling thread's CPU time: it is one of the compute's threads, and on a quiet machine
 it computes or spins at the barriers for the whole step. A step through much of which it waited for a core
@@ -34,6 +35,9 @@ class ThreadGovernor:
     the count (`threads`) and reports the time each comparable compute took (`observe`)."""
 
     WINDOW = 8  # recent steps at the current count that a trial is compared with
+    # Below the most threads, trials of more come at least this often: the count was taken under contention, which
+    # ends; while it lasts each such trial costs about two steps (the time box), once it ends the next one wins.
+    MAX_EVERY_BELOW_TOP = 64
     DESCHEDULED = 0.7  # a step whose compute thread ran less than this share of it was contended (see observe)
 
     def __init__(self, max_threads: int, *, explore_every: int = 16, max_explore_every: int = 256,
@@ -139,7 +143,9 @@ class ThreadGovernor:
             self._interval = self.explore_every
             self.n_switches += 1
         else:
-            self._interval = min(self._interval * 2, self.max_explore_every)
+            cap = (self.max_explore_every if self.current == self.ladder[0]
+                   else min(self.max_explore_every, self.MAX_EVERY_BELOW_TOP))
+            self._interval = min(self._interval * 2, cap)
         self._countdown = self._interval
         self._trial, self._trial_samples, self._fresh = None, [], 0
 

@@ -95,6 +95,33 @@ def test_a_step_whose_thread_waited_for_a_core_brings_the_next_trial() -> None:
     assert gov.current == 1 and gov.n_switches == 1
 
 
+def test_the_count_taken_under_contention_is_left_soon_after_it_ends() -> None:
+    """Long contention keeps the governor at one thread, its boxed trials of two spaced no more than 64 steps apart
+    (each lost at its first step); when the machine is quiet again it is back at two threads within about that many
+    steps, not the 256 of the back-off on a quiet machine."""
+    gov = ThreadGovernor(2)
+    g = object()
+    cost = {2: 0.050, 1: 0.012}
+    used = []
+    while len(used) < 2000 or used[-1] != 2:  # until just after a lost trial: the longest wait for the next one
+        n = gov.threads(g)
+        box = gov.budget(n)
+        seconds = cost[n] if box is None else min(cost[n], box * 1.01)
+        gov.observe(g, n, seconds, finished=box is None or cost[n] <= box)
+        used.append(n)
+    assert gov.current == 1
+    trials = sum(1 for n in used[1000:] if n == 2)
+    assert 0 < trials <= 1000 // 64 + 1, trials
+    cost = {2: 0.007, 1: 0.012}
+    steps = 0
+    while gov.current == 1:
+        n = gov.threads(g)
+        box = gov.budget(n)
+        gov.observe(g, n, cost[n], finished=box is None or cost[n] <= box)
+        steps += 1
+        assert steps <= 64 + 2 * ThreadGovernor.WINDOW
+
+
 def test_a_noisy_neighbour_does_not_keep_the_governor_at_fewer_threads() -> None:
     """After a false move to one thread, two threads are faster on average even though every fourth step is slowed
     by a third (6.7 ms, and 9 ms, against one thread's 10 ms): the next trial of two threads wins. Judged by its
