@@ -275,7 +275,7 @@ CDEF_HOST_CACHE = """
 int64_t pyrunner_evict_decode(int32_t * pos, bool * member, int64_t capacity, int64_t n_rows, int64_t * summary,
                               const int64_t * seqs, const int64_t * thresholds, int64_t n, int32_t * freed);
 int pyrunner_place_decode(int32_t * pos, bool * member, int64_t capacity, int64_t * summary, const int64_t * seqs,
-                          const int32_t * positions, int64_t n, int64_t max_holes, int64_t * cells);
+                          const int32_t * positions, int64_t n, int64_t max_holes, int store, int64_t * cells);
 void pyrunner_attention_mask(const int32_t * cell_pos, const bool * member, int64_t capacity, int64_t start,
                              int64_t n_kv, const int64_t * rows, const int32_t * lo, const int32_t * hi,
                              int64_t n_tokens, int64_t n_rows, int f16, void * out);

@@ -56,12 +56,12 @@ def evict_decode(pos: NDArray[np.int32], member: NDArray[np.bool_], summary: NDA
 
 def place_decode(pos: NDArray[np.int32], member: NDArray[np.bool_], summary: NDArray[np.int64],
                  seqs: NDArray[np.intp], positions: NDArray[np.int32],
-                 max_holes: int | None) -> NDArray[np.int64] | None:
-    """Ordered placement of one token per sequence (CellTable.place's decode step), stored in the table's arrays
-    `pos` int32[capacity] and `member` bool[n_sequences, capacity] and its summary int64[2 + n_sequences] (n_used,
-    extent, each sequence's last cell): the cells taken (int64, the set_rows indices), or None with nothing
-    changed when some sequence has no free cell above its last one or `max_holes` or more empty cells would stay
-    below the extent.
+                 max_holes: int | None, *, store: bool = True) -> NDArray[np.int64] | None:
+    """Ordered placement of one token per sequence (CellTable's decode step), with `store` stored in the table's
+    arrays `pos` int32[capacity] and `member` bool[n_sequences, capacity] and its summary int64[2 + n_sequences]
+    (n_used, extent, each sequence's last cell): the cells taken (int64, the set_rows indices), or None with
+    nothing changed when some sequence has no free cell above its last one or `max_holes` or more empty cells would
+    stay below the extent. Without `store` nothing changes either way (CellTable.ordered_free_cells).
 
     The caller checked positions >= 0 and that enough cells are free; sequences must be distinct."""
     _check_table(pos, member, summary, seqs, positions, np.int32)
@@ -72,7 +72,7 @@ def place_decode(pos: NDArray[np.int32], member: NDArray[np.bool_], summary: NDA
     ok = lib.pyrunner_place_decode(ffi.from_buffer("int32_t[]", pos), ffi.from_buffer("bool[]", member), pos.shape[0],
                                    ffi.from_buffer("int64_t[]", summary), ffi.from_buffer("int64_t[]", seqs),
                                    ffi.from_buffer("int32_t[]", positions), n, -1 if max_holes is None else max_holes,
-                                   ffi.from_buffer("int64_t[]", cells))
+                                   int(store), ffi.from_buffer("int64_t[]", cells))
     return cells if ok else None
 
 

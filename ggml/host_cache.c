@@ -48,12 +48,12 @@ int64_t pyrunner_evict_decode(int32_t * pos, bool * member, int64_t capacity, in
     return n_freed;
 }
 
-/* Returns 1 with cells[i] the cell of (seqs[i], positions[i]), stored in pos, member and summary; 0 with nothing
-   changed when some sequence finds no free cell above its last one, or when max_holes (>= 0) or more empty cells
-   would stay below the extent (a compaction helps both). The caller checked: 1 <= n <= PYR_PLACE_MAX, seqs
-   distinct and in [0, rows of member), at least n cells free. */
+/* Returns 1 with cells[i] the cell of (seqs[i], positions[i]), with `store` also stored in pos, member and summary;
+   0 with nothing changed when some sequence finds no free cell above its last one, or when max_holes (>= 0) or
+   more empty cells would stay below the extent (a compaction helps both). The caller checked: 1 <= n <=
+   PYR_PLACE_MAX, seqs distinct and in [0, rows of member), at least n cells free. */
 int pyrunner_place_decode(int32_t * pos, bool * member, int64_t capacity, int64_t * summary, const int64_t * seqs,
-                          const int32_t * positions, int64_t n, int64_t max_holes, int64_t * cells) {
+                          const int32_t * positions, int64_t n, int64_t max_holes, int store, int64_t * cells) {
     int64_t * last = summary + 2;
     bool placed[PYR_PLACE_MAX] = { false };
     int64_t top = summary[1];
@@ -75,6 +75,7 @@ int pyrunner_place_decode(int32_t * pos, bool * member, int64_t capacity, int64_
         if (c + 1 > top) top = c + 1;
     }
     if (max_holes >= 0 && top - summary[0] - n >= max_holes) return 0;
+    if (!store) return 1;
     for (int64_t i = 0; i < n; ++i) {
         pos[cells[i]] = positions[i];
         member[seqs[i] * capacity + cells[i]] = true;

@@ -14,7 +14,6 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define PYR_SAMPLE_MAX_K 256
 

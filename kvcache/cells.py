@@ -216,9 +216,9 @@ class CellTable:
     def _ordered(self, pos: NDArray[np.int32], seq: NDArray[np.intp]) -> NDArray[np.int32] | None:
         self._check_seqs(seq)
         self._check_free(pos.size)
-        if pos.size <= PLACE_MAX and all_distinct(seq):
-            cells = self._summarized().decode_cells(seq.tolist(), self._pos, self._capacity)
-            return None if cells is None else np.array(cells, dtype=np.int32)
+        if pos.size <= PLACE_MAX and all_distinct(seq):  # a decode step: place's C loop, storing nothing
+            cells = place_decode(self._pos, self._member, self._summarized().values, seq, pos, None, store=False)
+            return None if cells is None else cells.astype(np.int32)
         return self._cells_by_sequence(pos, seq, self._pos < 0)
 
     def _cells_by_sequence(self, pos: NDArray[np.int32], seq: NDArray[np.intp],

@@ -10,8 +10,6 @@ the arrays (one pass).
 """
 from __future__ import annotations
 
-from bisect import bisect_left
-
 import numpy as np
 from numpy.typing import NDArray
 
@@ -78,29 +76,3 @@ class CellSummary:
             return False
         self.values[0] -= int(freed.size)
         return True
-
-    def decode_cells(self, seqs: list[int], pos: NDArray[np.int32], capacity: int) -> list[int] | None:
-        """A cell for each of `seqs` (distinct sequences, one token each): in ascending sequence order, each takes the
-        lowest free cell above the last one it holds that no earlier sequence of the batch took (CellTable's
-        ordered placement). None when some sequence finds no such cell. `pos` gives the holes below the extent."""
-        last = self.last.tolist()
-        extent = self.extent
-        floors = {s: last[s] + 1 for s in seqs}
-        lowest = min(floors.values())
-        # The free cells from `lowest` up: the holes below the extent, then every cell from the extent on.
-        holes: list[int] = []
-        if self.n_used < extent and lowest < extent:
-            holes = (np.flatnonzero(pos[lowest:extent] < 0) + lowest).tolist()
-        n_holes = len(holes)
-        taken: set[int] = set()
-        out: dict[int, int] = {}
-        for s in sorted(seqs):
-            i = bisect_left(holes, floors[s]) if floors[s] < extent else n_holes + floors[s] - extent
-            while i in taken:
-                i += 1
-            cell = holes[i] if i < n_holes else extent + i - n_holes
-            if cell >= capacity:
-                return None
-            taken.add(i)
-            out[s] = cell
-        return [out[s] for s in seqs]

@@ -20,14 +20,12 @@ import numpy as np
 import numpy.typing as npt
 
 from ggml.host import SAMPLE_MAX_K, sample_top_k
-
 from runner.errors import SamplingError
 
 _MIN_TEMPERATURE = 1e-7  # Go divides by max(temp, 1e-7) so a tiny temperature is "almost greedy", not a crash
 _U64 = (1 << 64) - 1
 _FIRST_WINDOW = 64  # tokens sorted first when there is no top-k; grows ×8 until top-p/min-p cut inside it
 _F32_MAX = float(np.finfo(np.float32).max)
-_NO_HISTORY = np.empty(0, dtype=np.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,10 +331,10 @@ class Sampler:
         if 0 < k < row.size and k <= SAMPLE_MAX_K:
             # The usual request (a top-k, penalties or not; or greedy with penalties): penalties and top-k in one
             # pass in C, the row neither checked nor copied separately. A NaN or +inf takes the general path.
-            picked = sample_top_k(row, np.fromiter(self._history, dtype=np.int64, count=len(self._history))
-                                  if penalties else _NO_HISTORY.copy(), self._repeat_penalty,
-                                  self._params.presence_penalty, self._params.frequency_penalty, k,
-                                  self._scratch(row.size))
+            # (the history is empty when the penalties are off)
+            picked = sample_top_k(row, np.fromiter(self._history, dtype=np.int64, count=len(self._history)),
+                                  self._repeat_penalty, self._params.presence_penalty,
+                                  self._params.frequency_penalty, k, self._scratch(row.size))
             if picked is not None:
                 if self._temperature == 0.0:
                     return int(picked[0][0])
@@ -347,7 +345,7 @@ class Sampler:
             raise SamplingError(f"sampling failed: NaN in logits ({int(np.isnan(row).sum())} of {row.size})")
         if top == np.inf:  # an overflowing model: treat +inf as the largest finite logit
             row = np.where(np.isposinf(row), np.float32(_F32_MAX), row)
-        if self._use_penalties and self._history:
+        if penalties:
             row = row.copy()
             apply_penalties(row, np.fromiter(self._history, dtype=np.int64, count=len(self._history)),
                             self._repeat_penalty, self._params.presence_penalty, self._params.frequency_penalty)

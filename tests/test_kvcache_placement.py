@@ -1,11 +1,12 @@
-"""Cell placement on a decode step: CellTable's summary (used cells, extent, each sequence's last cell), kept up to
-date by store and eviction instead of recomputed, gives the cells the general per-sequence placement gives; and
-`place` is ordered_free_cells then store."""
+"""Cell placement on a decode step: the C loop (ggml/host.py's place_decode) on CellTable's summary (used cells,
+extent, each sequence's last cell, kept up to date instead of recomputed) gives the cells the general per-sequence
+placement gives; and `place` is ordered_free_cells then store."""
 from __future__ import annotations
 
 import copy
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from ggml.host import evict_decode, place_decode
@@ -14,25 +15,34 @@ from kvcache.errors import CacheFullError
 from kvcache.summary import CellSummary
 
 
+def _random_decode_step(g: np.random.Generator) -> tuple[CellTable, npt.NDArray[np.intp], npt.NDArray[np.int32]]:
+    """A random table (holes, sometimes cells shared by two sequences, sometimes full) and a decode step on it:
+    distinct sequences with a position each."""
+    cap, n_seq = int(g.integers(2, 40)), int(g.integers(1, 6))
+    t = CellTable(cap, n_seq)
+    for c in g.choice(cap, size=int(g.integers(0, cap + 1)), replace=False):
+        t.store([int(c)], [int(g.integers(0, 50))], [int(g.integers(0, n_seq))])
+    if n_seq > 1 and g.random() < 0.3:
+        t.copy_prefix(0, 1, 25)  # cells held by two sequences
+    k = int(g.integers(1, n_seq + 1))
+    return t, g.permutation(n_seq)[:k].astype(np.intp), g.integers(0, 100, k).astype(np.int32)
+
+
 def test_ordered_free_cells_decode_path_matches_the_general_one() -> None:
-    """A decode step (one token per sequence) takes the summary's path; it must pick the cells the per-sequence
-    loop picks, on random tables (shared cells, holes, full ones)."""
+    """A decode step (one token per sequence) takes the C loop without storing; it must pick the cells the
+    per-sequence loop picks, on random tables (shared cells, holes, full ones), and change nothing."""
     g = np.random.default_rng(11)
     compared = 0
     for _ in range(400):
-        cap, n_seq = int(g.integers(2, 40)), int(g.integers(1, 6))
-        t = CellTable(cap, n_seq)
-        for c in g.choice(cap, size=int(g.integers(0, cap + 1)), replace=False):
-            t.store([int(c)], [int(g.integers(0, 50))], [int(g.integers(0, n_seq))])
-        if n_seq > 1 and g.random() < 0.3:
-            t.copy_prefix(0, 1, 25)  # cells held by two sequences
-        k = int(g.integers(1, n_seq + 1))
-        seqs = g.permutation(n_seq)[:k].astype(np.intp)
-        pos = g.integers(0, 100, k).astype(np.int32)
+        t, seqs, pos = _random_decode_step(g)
+        k = seqs.size
         free = np.asarray(t.positions) < 0
         if int(free.sum()) < k:
             continue
+        before = (np.array(t.positions), np.array(t.sequences), t.version, t._summarized().values.copy())
         fast = t.ordered_free_cells(pos, seqs)
+        assert np.array_equal(t.positions, before[0]) and np.array_equal(t.sequences, before[1])
+        assert t.version == before[2] and np.array_equal(t._summarized().values, before[3])
         slow = t._cells_by_sequence(pos, seqs, free.copy())
         assert (fast is None) == (slow is None)
         if fast is not None and slow is not None:
@@ -124,22 +134,15 @@ def test_decode_placement_in_c_matches_the_general_placement() -> None:
     g = np.random.default_rng(23)
     placed_count = refused = 0
     for _ in range(600):
-        cap, n_seq = int(g.integers(2, 40)), int(g.integers(1, 6))
-        t = CellTable(cap, n_seq)
-        for c in g.choice(cap, size=int(g.integers(0, cap + 1)), replace=False):
-            t.store([int(c)], [int(g.integers(0, 50))], [int(g.integers(0, n_seq))])
-        if n_seq > 1 and g.random() < 0.3:
-            t.copy_prefix(0, 1, 25)
-        k = int(g.integers(1, n_seq + 1))
-        seqs = g.permutation(n_seq)[:k].astype(np.int32)
-        pos = g.integers(0, 100, k).astype(np.int32)
+        t, seqs, pos = _random_decode_step(g)
+        k = seqs.size
         if t.n_free < k:
             with pytest.raises(CacheFullError):
                 t.place(pos, seqs)
             continue
         max_holes = None if g.random() < 0.4 else int(g.integers(-1, 6))
         free = np.asarray(t.positions) < 0
-        want = t._cells_by_sequence(pos, seqs.astype(np.intp), free.copy())
+        want = t._cells_by_sequence(pos, seqs, free.copy())
         if want is not None and max_holes is not None:
             top = max(t.extent, int(want.max()) + 1)
             if top - t.n_used - k >= max_holes:
